@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SETUP  := $(VENV)/.setup-done
+TINY   := artifacts/tiny-qwen2vl/config.json
+
+.PHONY: setup demo test test-fast lint format tiny clean
+
+setup: $(SETUP)
+
+$(SETUP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(SETUP)
+
+$(TINY): | $(SETUP)
+	$(BIN)/stamp-make-tiny
+
+tiny: $(TINY)
+
+demo: $(SETUP) $(TINY)
+	$(BIN)/stamp-train experiment=demo
+
+test: $(SETUP)
+	$(BIN)/python -m pytest
+
+test-fast: $(SETUP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(SETUP)
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: $(SETUP)
+	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts
+
+clean:
+	rm -rf logs outputs multirun .pytest_cache

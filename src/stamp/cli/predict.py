@@ -1,0 +1,80 @@
+"""``stamp-predict``: answer a query about an image; write the mask and overlay PNGs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from stamp.cli import CONF_DIR, user_errors
+from stamp.cli.eval import resolve_device
+
+
+def load_segmenter(cfg: DictConfig):
+    from stamp.inference.segmenter import Segmenter
+
+    device = resolve_device(cfg.device)
+    sam = OmegaConf.to_container(cfg.sam) if cfg.sam.checkpoint else None
+    return Segmenter.from_pretrained(
+        cfg.ckpt, device=device, dtype=None if cfg.dtype == "auto" else cfg.dtype,
+        max_new_tokens=cfg.max_new_tokens, sam=sam, **cfg.get("model_overrides", {}),
+    )
+
+
+def save_outputs(image, result, out_dir: Path, stem: str, alpha: float) -> list[Path]:
+    """Write ``<stem>_mask.png`` (union of the masks) and ``<stem>_overlay.png``; return the paths."""
+    from stamp.utils.overlay import mask_image, overlay
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+    mask_image(result.masks, (image.height, image.width)).save(mask_path)
+    overlay(image, result.masks, alpha).save(overlay_path)
+    return [mask_path, overlay_path]
+
+
+def answer(seg, image, query: str, history, out_dir: Path, stem: str, alpha: float):
+    result = seg.segment(image, query, history=history)
+    print(f"answer: {result.answer}")
+    if result.masks:
+        for p in save_outputs(image, result, out_dir, stem, alpha):
+            print(f"wrote {p}")
+    return result
+
+
+def run(cfg: DictConfig) -> None:
+    from stamp.inference.images import load_image
+
+    image = load_image(cfg.image)
+    if not cfg.chat and (cfg.query is None or not str(cfg.query).strip()):
+        raise ValueError("the query is empty; pass query=\"...\" (or chat=true to type queries)")
+    seg = load_segmenter(cfg)
+    out_dir = Path(cfg.out_dir)
+    if not cfg.chat:
+        answer(seg, image, str(cfg.query), None, out_dir, "prediction", cfg.alpha)
+        return
+    history: list[tuple[str, str]] = []
+    print("chat: type a request per line (empty line or Ctrl-D ends)", flush=True)
+    for turn, line in enumerate(sys.stdin, start=1):
+        query = line.strip()
+        if not query or query in ("exit", "quit"):
+            break
+        result = answer(seg, image, query, history, out_dir, f"turn{turn}", cfg.alpha)
+        history.append((query, result.text))
+        sys.stdout.flush()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+def _main(cfg: DictConfig) -> None:
+    with user_errors("stamp-predict"):
+        run(cfg)
+
+
+def main() -> None:
+    sys.argv = ["chat=true" if a == "--chat" else a for a in sys.argv]
+    _main()
+
+
+if __name__ == "__main__":
+    main()

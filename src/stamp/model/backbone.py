@@ -1,0 +1,92 @@
+"""Loading a Qwen2-VL backbone (checkpoint directory or hub id) through transformers' own classes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+from stamp.model.tokens import add_stamp_tokens, resize_embeddings
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_source(name_or_path: str) -> None:
+    """Fail early, with a clear message, on a local path that is not a checkpoint directory."""
+    p = Path(name_or_path).expanduser()
+    looks_local = p.is_absolute() or name_or_path.startswith((".", "~")) or p.exists() or name_or_path.count("/") > 1
+    if not looks_local:
+        return  # a hub id such as Qwen/Qwen2-VL-2B-Instruct
+    if not p.exists():
+        hint = " (run `stamp-make-tiny` to create the embedded tiny model)" if "tiny" in name_or_path else ""
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} does not exist; expected a Qwen2-VL checkpoint directory "
+            f"with config.json, or a hub id such as 'Qwen/Qwen2-VL-2B-Instruct'{hint}"
+        )
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model path {name_or_path!r} has no config.json; it is not a checkpoint directory")
+
+
+def attn_kwargs(attn_implementation: str, vision_attn_implementation: str | None) -> dict[str, Any]:
+    """Attention implementations per sub-model. The language model must honour a 4-D mask."""
+    if "flash" in attn_implementation:
+        raise ValueError(
+            f"model.attn_implementation={attn_implementation!r}: flash-attention ignores the 4-D hybrid "
+            "mask that STAMP's mask block needs (it would silently train a causal block). Use 'sdpa' or "
+            "'eager' for the language model; flash-attention may be used for the vision encoder with "
+            "model.vision_attn_implementation=flash_attention_2."
+        )
+    if vision_attn_implementation in (None, attn_implementation):
+        return {"attn_implementation": attn_implementation}
+    return {"attn_implementation": {"text_config": attn_implementation, "vision_config": vision_attn_implementation}}
+
+
+def load_backbone(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+    vision_attn_implementation: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[Qwen2VLForConditionalGeneration, Any]:
+    """Load model and processor, add ``<|seg|>``/``<|mask|>`` and grow the embeddings if needed."""
+    check_source(name_or_path)
+    proc_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, **proc_kwargs)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=parse_dtype(dtype), **attn_kwargs(attn_implementation, vision_attn_implementation)
+        )
+    except OSError as e:
+        if os.environ.get("HF_HUB_OFFLINE") or not Path(name_or_path).exists():
+            raise OSError(
+                f"could not load {name_or_path!r}: {e}. Hub ids need network access (or a local copy in the "
+                "Hugging Face cache); pass a checkpoint directory instead."
+            ) from e
+        raise
+    add_stamp_tokens(processor.tokenizer)
+    resize_embeddings(model, len(processor.tokenizer))
+    return model, processor
+
+
+def build_on_meta(arch: dict[str, Any], extra_tokens: int = 2) -> Qwen2VLForConditionalGeneration:
+    """Build the architecture from a config dict on the meta device (no memory, no weights)."""
+    arch = dict(arch)
+    tokenizer_len = arch.pop("tokenizer_len", None)
+    config = Qwen2VLConfig(**arch)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    if tokenizer_len is not None:
+        resize_embeddings(model, tokenizer_len + extra_tokens)
+    return model

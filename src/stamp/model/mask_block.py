@@ -1,0 +1,84 @@
+"""The mask block: where its tokens sit (M-RoPE positions) and what they may attend to.
+
+Everything here is plain tensor code shared by training (fused and two-pass) and inference
+(cache reuse), so that the three paths cannot drift apart.
+
+Attention is described per token by four integer vectors, which ``attention_mask`` turns into
+a boolean ``B x 1 x Q x K`` mask (True = may attend):
+
+* ``key_text_index``  (B, K): the key's index in the text sequence, or -1 for keys that are not
+  text (mask-block tokens, padding). A query sees a text key iff the key's index is at most the
+  query's ``query_limit``.
+* ``key_group``       (B, K): the mask block the key belongs to, or -1.
+* ``query_limit``     (B, Q): last text index the query may see (its own index for text, the
+  position of its ``<|seg|>`` for a mask token, -1 for padding).
+* ``query_group``     (B, Q): the query's mask block (-1 for text); mask tokens see every key of
+  their own block (bidirectional) and nothing of any other block.
+
+Every query also sees itself, so no row is empty (padding rows would otherwise give NaNs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+POSITION_MODES = ("sequential", "grid")
+
+
+def attention_mask(
+    key_text_index: torch.Tensor,
+    key_group: torch.Tensor,
+    query_limit: torch.Tensor,
+    query_group: torch.Tensor,
+    query_key_index: torch.Tensor,
+) -> torch.Tensor:
+    """Build the hybrid mask (B, 1, Q, K), True = may attend. See the module docstring.
+
+    ``query_key_index`` (B, Q) is each query's own column among the keys.
+    """
+    kt = key_text_index[:, None, :]
+    prefix = (kt >= 0) & (kt <= query_limit[:, :, None])
+    qg = query_group[:, :, None]
+    block = (qg >= 0) & (key_group[:, None, :] == qg)
+    keys = torch.arange(key_text_index.shape[1], device=key_text_index.device)
+    itself = keys[None, None, :] == query_key_index[:, :, None]
+    return (prefix | block | itself)[:, None]
+
+
+def causal_only(mask: torch.Tensor, query_key_index: torch.Tensor) -> torch.Tensor:
+    """Restrict a mask to keys at or before each query's own column (the 'causal' ablation)."""
+    keys = torch.arange(mask.shape[-1], device=mask.device)
+    return mask & (keys[None, None, None, :] <= query_key_index[:, None, :, None])
+
+
+def to_attention_bias(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """Express a boolean mask in the form the attention implementation consumes.
+
+    sdpa takes booleans; eager adds the mask to the scores, so it needs 0 / -inf floats.
+    """
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(
+        f"attention implementation {implementation!r} cannot apply STAMP's 4-D mask; use 'sdpa' or 'eager'"
+    )
+
+
+def block_positions(seg_position: torch.Tensor, grid_hw: tuple[int, int], mode: str) -> torch.Tensor:
+    """M-RoPE positions (3, N) of a mask block whose ``<|seg|>`` sits at ``seg_position`` (3,).
+
+    ``sequential``: the N tokens continue the 1-D text positions after the ``<|seg|>``.
+    ``grid``: the block takes the image's (t, h, w) grid layout, offset to start right after
+    the ``<|seg|>``, as if it were a second copy of the image (one temporal step).
+    """
+    h, w = grid_hw
+    start = seg_position.max() + 1
+    device = seg_position.device
+    if mode == "sequential":
+        return (start + torch.arange(h * w, device=device)).expand(3, -1).clone()
+    if mode == "grid":
+        hh = torch.arange(h, device=device).repeat_interleave(w)
+        ww = torch.arange(w, device=device).repeat(h)
+        return torch.stack([torch.zeros_like(hh), hh, ww]) + start
+    raise ValueError(f"unknown model.mask_positions {mode!r}; expected one of {POSITION_MODES}")

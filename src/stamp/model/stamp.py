@@ -1,0 +1,309 @@
+"""The STAMP model: a Qwen2-VL backbone, a mask block per ``<|seg|>`` and a linear mask head.
+
+Training runs in one of two equivalent ways (``train_forward``):
+
+* ``fused``    - one vision pass and one language pass per batch: every mask block is appended
+  at the end of its sequence with the positions and attention it would have right after its
+  ``<|seg|>`` (METHOD.md section 5).
+* ``two_pass`` - the released code's way, kept as the reference: one pass for the language
+  loss, then one pass per ``<|seg|>`` over the sequence cut after it, re-encoding the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stamp.model.losses import seg_loss
+from stamp.model.mask_block import (
+    POSITION_MODES,
+    attention_mask,
+    block_positions,
+    causal_only,
+    to_attention_bias,
+)
+
+TRAIN_FORWARDS = ("fused", "two_pass")
+MASK_ATTENTIONS = ("hybrid", "causal")
+
+
+@dataclass
+class Seg:
+    """One ``<|seg|>`` in a batch: its row, its position, and the image its block copies."""
+
+    row: int
+    pos: int
+    image: int  # global index into the batch's images
+    grid_hw: tuple[int, int]  # merged cells (h, w)
+
+
+@dataclass
+class Blocks:
+    """Mask blocks laid out row by row (Q = the longest row's total block length)."""
+
+    embeds: torch.Tensor  # (B, Q, D)
+    positions: torch.Tensor  # (3, B, Q)
+    group: torch.Tensor  # (B, Q) block id, -1 for padding
+    limit: torch.Tensor  # (B, Q) position of the block's <|seg|>, -1 for padding
+    starts: list[int]  # first column of each block in its row
+
+
+@dataclass
+class StampOutput:
+    loss: torch.Tensor
+    loss_lm: torch.Tensor
+    loss_seg: torch.Tensor
+    mask_logits: list[torch.Tensor] = field(default_factory=list)  # one (h, w) per <|seg|>
+    lm_logits: torch.Tensor | None = None
+
+
+class StampModel(nn.Module):
+    """Qwen2-VL + STAMP mask prediction.
+
+    Args:
+        backbone: a ``Qwen2VLForConditionalGeneration`` (or a peft model wrapping one).
+        seg_token_id, mask_token_id: ids of ``<|seg|>`` and ``<|mask|>``.
+        mask_positions: ``sequential`` or ``grid`` (see ``mask_block.block_positions``).
+        mask_attention: ``hybrid`` (bidirectional block, the method) or ``causal`` (ablation).
+        add_patch_features: add the patch's vision feature to each mask token's embedding.
+        bce_weight, dice_weight: weights of the two terms of the mask loss.
+        train_forward: ``fused`` or ``two_pass``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        seg_token_id: int,
+        mask_token_id: int,
+        mask_positions: str = "sequential",
+        mask_attention: str = "hybrid",
+        add_patch_features: bool = True,
+        bce_weight: float = 0.3,
+        dice_weight: float = 0.7,
+        train_forward: str = "fused",
+    ) -> None:
+        super().__init__()
+        for name, value, valid in (
+            ("mask_positions", mask_positions, POSITION_MODES),
+            ("mask_attention", mask_attention, MASK_ATTENTIONS),
+            ("train_forward", train_forward, TRAIN_FORWARDS),
+        ):
+            if value not in valid:
+                raise ValueError(f"unknown model.{name} {value!r}; expected one of {list(valid)}")
+        self.backbone = backbone
+        self.seg_token_id, self.mask_token_id = seg_token_id, mask_token_id
+        self.mask_positions, self.mask_attention = mask_positions, mask_attention
+        self.add_patch_features = add_patch_features
+        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+        self.train_forward = train_forward
+        cfg = self.qwen.config
+        self.image_token_id = cfg.image_token_id
+        self.vision_start_id = cfg.vision_start_token_id
+        self.merge = cfg.vision_config.spatial_merge_size
+        hidden = cfg.text_config.hidden_size
+        self.mask_head = nn.Linear(hidden, 1, device=self.qwen.lm_head.weight.device)
+        self.attn_implementation = cfg.text_config._attn_implementation
+
+    # -- the backbone's parts ---------------------------------------------------------------
+
+    @property
+    def qwen(self) -> nn.Module:
+        """The underlying ``Qwen2VLForConditionalGeneration`` (unwrapping peft)."""
+        b = self.backbone
+        return b.get_base_model() if hasattr(b, "get_base_model") else b
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.qwen.model.language_model
+
+    def encode_images(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> list[torch.Tensor]:
+        """Vision encoder + merger: one (N_i, D) tensor of merged features per image."""
+        if pixel_values is None:
+            return []
+        out = self.qwen.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return list(out.pooler_output)
+
+    def embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with each image's features placed at its ``<|image_pad|>`` tokens."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        if image_features:
+            feats = torch.cat(image_features).to(embeds.dtype)
+            slots = input_ids == self.image_token_id
+            if int(slots.sum()) != feats.shape[0]:
+                raise ValueError(
+                    f"{int(slots.sum())} <|image_pad|> tokens but {feats.shape[0]} image features in the batch"
+                )
+            embeds = embeds.masked_scatter(slots[..., None], feats)
+        return embeds
+
+    def text_positions(self, batch: dict) -> torch.Tensor:
+        """M-RoPE positions (3, B, L) of the text sequence (padding gets position 0)."""
+        pos, _ = self.qwen.model.get_rope_index(
+            batch["input_ids"],
+            batch["mm_token_type_ids"],
+            batch.get("image_grid_thw"),
+            None,
+            attention_mask=batch["attention_mask"],
+        )
+        return pos
+
+    def block_embeddings(self, features: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, D) of a mask block: ``<|mask|>`` embedding + the patch features."""
+        mask_emb = self.language_model.embed_tokens.weight[self.mask_token_id]
+        if not self.add_patch_features:
+            return mask_emb.expand(features.shape[0], -1)
+        return mask_emb + features.to(mask_emb.dtype)
+
+    def find_segs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw, start: int = 0) -> list[Seg]:
+        """Every ``<|seg|>`` at or after column ``start``, in (row, position) order."""
+        segs = []
+        if image_grid_thw is None:
+            image_grid_thw = torch.zeros(0, 3, dtype=torch.long)
+        per_row = (input_ids == self.vision_start_id).sum(1).tolist()
+        first = [sum(per_row[:b]) for b in range(len(per_row))]
+        rows, cols = torch.nonzero((input_ids == self.seg_token_id) & attention_mask.bool(), as_tuple=True)
+        for b, s in zip(rows.tolist(), cols.tolist(), strict=True):
+            if s < start:
+                continue
+            n_before = int((input_ids[b, :s] == self.vision_start_id).sum())
+            if n_before == 0:
+                raise ValueError(f"batch row {b}: the <|seg|> token at position {s} has no image before it")
+            img = first[b] + n_before - 1
+            t, h, w = (int(v) for v in image_grid_thw[img])
+            segs.append(Seg(b, s, img, (h // self.merge, w // self.merge)))
+        return segs
+
+    # -- the language-model call ------------------------------------------------------------
+
+    def run_language_model(self, embeds, positions, mask, cache=None) -> torch.Tensor:
+        """Last hidden states for ``embeds`` (B, Q, D) under a boolean mask (B, 1, Q, K)."""
+        bias = to_attention_bias(mask, self.attn_implementation, embeds.dtype)
+        out = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=bias,
+            position_ids=positions,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+    def restrict(self, mask: torch.Tensor, query_key_index: torch.Tensor) -> torch.Tensor:
+        return causal_only(mask, query_key_index) if self.mask_attention == "causal" else mask
+
+    # -- training forwards ------------------------------------------------------------------
+
+    def forward(self, batch: dict, return_lm_logits: bool = False) -> StampOutput:
+        """Losses and mask logits for a collated training batch.
+
+        ``batch`` holds ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids``
+        (B, L), optionally ``pixel_values`` and ``image_grid_thw``, and ``seg_targets``: one
+        (h, w) float cell mask per ``<|seg|>`` in (row, position) order.
+        """
+        if self.train_forward == "fused":
+            hidden, mask_logits = self.fused_pass(batch)
+        else:
+            hidden, mask_logits = self.two_pass(batch)
+        return self.losses(hidden, batch, mask_logits, return_lm_logits)
+
+    def blocks(self, segs: list[Seg], features: list[torch.Tensor], positions: torch.Tensor, batch_size: int) -> Blocks:
+        """Lay out the mask blocks of ``segs`` row by row; ``positions`` are the text's (3, B, L)."""
+        starts, fill = [], [0] * batch_size
+        for sg in segs:
+            starts.append(fill[sg.row])
+            fill[sg.row] += sg.grid_hw[0] * sg.grid_hw[1]
+        Q, device = max(fill, default=0), positions.device
+        dim = self.qwen.config.text_config.hidden_size
+        embeds = torch.zeros(batch_size, Q, dim, dtype=self.qwen.lm_head.weight.dtype, device=device)
+        pos = positions.new_zeros(3, batch_size, Q)
+        group = torch.full((batch_size, Q), -1, dtype=torch.long, device=device)
+        limit = torch.full((batch_size, Q), -1, dtype=torch.long, device=device)
+        for k, (sg, a) in enumerate(zip(segs, starts, strict=True)):
+            n = sg.grid_hw[0] * sg.grid_hw[1]
+            embeds[sg.row, a : a + n] = self.block_embeddings(features[sg.image]).to(embeds.dtype)
+            pos[:, sg.row, a : a + n] = block_positions(positions[:, sg.row, sg.pos], sg.grid_hw, self.mask_positions)
+            group[sg.row, a : a + n] = k
+            limit[sg.row, a : a + n] = sg.pos
+        return Blocks(embeds, pos, group, limit, starts)
+
+    def read_masks(self, hidden: torch.Tensor, segs: list[Seg], starts: list[int], offset: int = 0) -> list[torch.Tensor]:
+        """Mask-head logits, one (h, w) map per seg, from the hidden states of its block."""
+        out = []
+        for sg, a in zip(segs, starts, strict=True):
+            h, w = sg.grid_hw
+            block = hidden[sg.row, offset + a : offset + a + h * w]
+            out.append(self.mask_head(block).squeeze(-1).float().view(h, w))
+        return out
+
+    def fused_pass(self, batch: dict, segs: list[Seg] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One vision pass and one language pass; mask blocks appended after the text.
+
+        Returns the text hidden states (B, L, D) and one (h, w) logit map per ``<|seg|>``.
+        """
+        input_ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+        B, L = input_ids.shape
+        features = self.encode_images(batch.get("pixel_values"), batch.get("image_grid_thw"))
+        text_pos = self.text_positions(batch)
+        if segs is None:
+            segs = self.find_segs(input_ids, valid, batch.get("image_grid_thw"))
+        blk = self.blocks(segs, features, text_pos, B)
+        embeds = torch.cat([self.embed(input_ids, features), blk.embeds], 1)
+        positions = torch.cat([text_pos, blk.positions], 2)
+        idx = torch.arange(L, device=input_ids.device).expand(B, L)
+        text_index = torch.where(valid, idx, -1)
+        key_text = torch.cat([text_index, torch.full_like(blk.group, -1)], 1)
+        group = torch.cat([torch.full_like(idx, -1), blk.group], 1)
+        limit = torch.cat([text_index, blk.limit], 1)
+        self_index = torch.arange(embeds.shape[1], device=input_ids.device).expand(B, -1)
+        mask = self.restrict(attention_mask(key_text, group, limit, group, self_index), self_index)
+        hidden = self.run_language_model(embeds, positions, mask)
+        return hidden[:, :L], self.read_masks(hidden, segs, blk.starts, offset=L)
+
+    def two_pass(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Reference form: a text pass, then per ``<|seg|>`` a pass over the cut sequence."""
+        hidden, _ = self.fused_pass(batch, segs=[])
+        segs = self.find_segs(batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"))
+        grid = batch.get("image_grid_thw")
+        patches = grid.prod(-1).tolist() if grid is not None else []
+        offsets = [sum(patches[:i]) for i in range(len(patches) + 1)]
+        per_row = (batch["input_ids"] == self.vision_start_id).sum(1).tolist()
+        mask_logits = []
+        for sg in segs:
+            r = sg.row
+            first_img = sum(per_row[:r])
+            imgs = range(first_img, first_img + per_row[r])
+            cut = {
+                "input_ids": batch["input_ids"][r : r + 1, : sg.pos + 1],
+                "attention_mask": batch["attention_mask"][r : r + 1, : sg.pos + 1],
+                "mm_token_type_ids": batch["mm_token_type_ids"][r : r + 1, : sg.pos + 1],
+                "pixel_values": batch["pixel_values"][offsets[imgs.start] : offsets[imgs.stop]],
+                "image_grid_thw": grid[imgs.start : imgs.stop],
+            }
+            local = Seg(0, sg.pos, sg.image - first_img, sg.grid_hw)
+            _, logits = self.fused_pass(cut, segs=[local])
+            mask_logits += logits
+        return hidden, mask_logits
+
+    def losses(self, hidden, batch, mask_logits, return_lm_logits: bool) -> StampOutput:
+        labels = batch["labels"]
+        target = labels[:, 1:]
+        keep = target != -100
+        lm_head = self.qwen.lm_head
+        logits = lm_head(hidden[:, :-1][keep]).float()
+        loss_lm = F.cross_entropy(logits, target[keep]) if keep.any() else logits.sum() * 0.0
+        targets = batch.get("seg_targets", [])
+        if len(targets) != len(mask_logits):
+            raise ValueError(f"{len(mask_logits)} <|seg|> tokens in the batch but {len(targets)} ground-truth masks")
+        if mask_logits:
+            loss_seg = torch.stack(
+                [
+                    seg_loss(p, g.to(p.device), self.bce_weight, self.dice_weight)
+                    for p, g in zip(mask_logits, targets, strict=True)
+                ]
+            ).mean()
+        else:  # keep the head in the graph so that DDP sees every parameter used
+            loss_seg = sum(p.sum() for p in self.mask_head.parameters()) * 0.0
+        full = lm_head(hidden).float() if return_lm_logits else None
+        return StampOutput(loss_lm + loss_seg, loss_lm.detach(), loss_seg.detach(), mask_logits, full)

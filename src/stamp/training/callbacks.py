@@ -1,0 +1,93 @@
+"""Callbacks: validation scoring with torchmetrics, prediction overlays, a metrics file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from stamp.evaluation import StampScorer, predicted_cells, upsample
+from stamp.utils.overlay import overlay_grid
+
+
+class SegmentationScoring(L.Callback):
+    """Scores the answers and masks generated in ``validation_step``/``test_step``.
+
+    Logs ``{stage}/giou``, ``{stage}/ciou`` (pixels), ``{stage}/ciou_cell``,
+    ``{stage}/ciou_oracle``, ``{stage}/n_acc``, ``{stage}/t_acc``, ``{stage}/pr@X`` and
+    ``{stage}/vqa_acc``; keeps the first ``examples`` predictions for overlays.
+    """
+
+    def __init__(self, examples: int = 8) -> None:
+        self.scorer = StampScorer()
+        self.examples = examples
+        self.kept: list[tuple] = []
+
+    def _reset(self, pl_module) -> None:
+        self.scorer = self.scorer.to(pl_module.device)
+        self.scorer.reset()
+        self.kept = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._reset(pl_module)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        samples, grids = batch["samples"], batch["grid_hw"]
+        self.scorer.update(samples, outputs["rows"], grids)
+        for s, row, g in zip(samples, outputs["rows"], grids, strict=True):
+            if len(self.kept) < self.examples and s.masks:
+                preds = [upsample(predicted_cells(row, k, g), s.masks[k].shape).numpy() for k in range(len(s.masks))]
+                self.kept.append((s, row.text, preds))
+
+    on_test_batch_end = on_validation_batch_end
+
+    def _log(self, stage: str, pl_module) -> None:
+        metrics = self.scorer.compute()
+        pl_module.log_dict({f"{stage}/{k}": torch.tensor(v) for k, v in metrics.items()}, sync_dist=False)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._log("val", pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log("test", pl_module)
+
+
+class OverlayWriter(L.Callback):
+    """After each validation, writes ``overlays.png`` (image, truth, prediction) into the run dir."""
+
+    def __init__(self, out_dir: str, every_n_validations: int = 1) -> None:
+        self.out_dir, self.every = Path(out_dir), every_n_validations
+        self.count = 0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self.count += 1
+        scoring = next((c for c in trainer.callbacks if isinstance(c, SegmentationScoring)), None)
+        if scoring is None or not scoring.kept or self.count % self.every:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        overlay_grid(scoring.kept).save(self.out_dir / "overlays.png")
+
+
+class MetricsFile(L.Callback):
+    """Writes every logged scalar to ``metrics.json`` at the end of fitting (rank 0)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            write_metrics(self.path, trainer.callback_metrics)
+
+
+def write_metrics(path: Path, metrics: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = {k: float(v) for k, v in sorted(metrics.items())}
+    path.write_text(json.dumps(plain, indent=2) + "\n")
+    return path

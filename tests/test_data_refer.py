@@ -1,0 +1,209 @@
+"""REFER (RefCOCO/+/g, RefCLEF) and gRefCOCO readers on fixtures in the exact on-disk formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stamp.data.grefer import GReferSegDataset
+from stamp.data.io import DataError
+from stamp.data.prompts import ANSWERS, QUESTIONS, phrase
+from stamp.data.refer import ReferSegDataset
+from stamp.model.tokens import SEG_TOKEN
+from tests.fixtures_data import COCO_DIR, SAIAPR_DIR, write_playground
+
+
+@pytest.fixture(scope="module")
+def playground(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("playground")
+    return root, write_playground(root)
+
+
+def refer(root: Path, dataset: str, split: str, **kw) -> ReferSegDataset:
+    split_by = {"refcocog": "umd"}.get(dataset, "unc")
+    image_dir = root / (SAIAPR_DIR if dataset == "refclef" else COCO_DIR)
+    return ReferSegDataset(root / "refer_seg", dataset, split, image_dir, split_by=split_by, **kw)
+
+
+@pytest.mark.parametrize(
+    ("split", "expected"),
+    [
+        # every sentence of every ref is a sample: (sample id, ann id whose mask it gets)
+        (
+            "train",
+            [
+                ("refcoco_unc_0_0", 101),
+                ("refcoco_unc_0_1", 101),
+                ("refcoco_unc_1_0", 102),
+                ("refcoco_unc_2_0", 201),
+            ],
+        ),
+        ("val", [("refcoco_unc_3_0", 202), ("refcoco_unc_3_1", 202), ("refcoco_unc_4_0", 201)]),
+        ("testA", [("refcoco_unc_5_0", 101)]),
+        ("testB", [("refcoco_unc_6_0", 102)]),
+    ],
+)
+def test_refcoco_samples_and_masks_pixel_exact(playground, split, expected):
+    """Polygons (one and two parts), uncompressed RLE and compressed RLE decode exactly."""
+    root, masks = playground
+    ds = refer(root, "refcoco", split, prompts="fixed")
+    assert len(ds) == len(expected)
+    for i, (sid, ann) in enumerate(expected):
+        s = ds[i]
+        assert s.id == sid and s.kind == "refer"
+        assert len(s.masks) == 1 and s.masks[0].dtype == bool
+        assert s.image.size == (s.masks[0].shape[1], s.masks[0].shape[0])
+        np.testing.assert_array_equal(s.masks[0], masks[ann])
+        assert s.messages[-1]["content"].count(SEG_TOKEN) == 1 and s.ignore is None
+
+
+def test_sentences_and_image_file_names(playground):
+    root, _ = playground
+    ds = refer(root, "refcoco", "train", prompts="fixed")
+    texts = [ds[i].messages[0]["content"] for i in range(len(ds))]
+    assert texts == [
+        QUESTIONS["refer"][0].format(text=t)
+        for t in ("man on left", "guy in red", "two part thing", "tall box")
+    ]
+    # the ref's own file_name (with an _<ann_id> suffix) is not used: the image comes from instances.json
+    assert ds.records[0]["image"] == "COCO_train2014_000000000001.jpg"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "counts"),
+    [
+        ("refcoco+", {"train": 2, "val": 1, "testA": 1, "testB": 1}),
+        ("refcocog", {"train": 2, "val": 1, "test": 1}),
+        ("refclef", {"train": 1, "val": 1, "testA": 1, "testB": 1}),
+    ],
+)
+def test_other_refer_sets(playground, dataset, counts):
+    root, masks = playground
+    for split, n in counts.items():
+        ds = refer(root, dataset, split)
+        assert len(ds) == n, (dataset, split)
+        for i in range(n):
+            s = ds[i]
+            assert s.masks[0].any()
+    np.testing.assert_array_equal(refer(root, "refclef", "val")[0].masks[0], masks[7001])
+    np.testing.assert_array_equal(refer(root, "refcocog", "test")[0].masks[0], masks[202])
+
+
+def test_repeats_and_seeded_templates(playground):
+    root, _ = playground
+    one = refer(root, "refcoco", "train", seed=3)
+    two = refer(root, "refcoco", "train", seed=3, repeats=2)
+    other = refer(root, "refcoco", "train", seed=4, repeats=2)
+    assert len(two) == 2 * len(one)
+    chats = [two[i].messages for i in range(len(two))]
+    assert chats == [refer(root, "refcoco", "train", seed=3, repeats=2)[i].messages for i in range(len(two))]
+    assert chats != [other[i].messages for i in range(len(other))]
+    # the second copy shows the same expressions with freshly drawn templates
+    n = len(one)
+    assert [two[i].id for i in range(n)] == [two[n + i].id for i in range(n)]
+    assert any(chats[i] != chats[n + i] for i in range(n))
+    for i in range(n):
+        np.testing.assert_array_equal(two[i].masks[0], two[n + i].masks[0])
+
+
+def test_unknown_names_list_the_valid_ones(playground):
+    root, _ = playground
+    with pytest.raises(
+        ValueError,
+        match=r"unknown REFER dataset 'refcocoz'; valid datasets: \['refclef', 'refcoco', 'refcoco\+', 'refcocog'\]",
+    ):
+        refer(root, "refcocoz", "val")
+    with pytest.raises(ValueError, match=r"unknown split_by 'umd' for refcoco; valid: \['unc', 'google'\]"):
+        ReferSegDataset(root / "refer_seg", "refcoco", "val", root, split_by="umd")
+    with pytest.raises(
+        ValueError,
+        match=r"unknown split 'testC' for refcoco \(refs\(unc\)\.p\); valid splits: \['testA', 'testB', 'train', 'val'\]",
+    ):
+        len(refer(root, "refcoco", "testC"))
+
+
+def test_missing_annotation_files_are_named(tmp_path):
+    ds = ReferSegDataset(tmp_path, "refcoco", "val", tmp_path)
+    with pytest.raises(DataError, match=r"file not found: .*refcoco/refs\(unc\)\.p"):
+        len(ds)
+
+
+def test_grefcoco_multi_and_no_target(playground):
+    root, masks = playground
+    ds = GReferSegDataset(root / "refer_seg/grefcoco", "val", root / COCO_DIR, prompts="fixed")
+    samples = [ds[i] for i in range(len(ds))]
+    assert [s.id for s in samples] == [
+        "grefcoco_unc_10_0",
+        "grefcoco_unc_10_1",
+        "grefcoco_unc_11_0",
+        "grefcoco_unc_12_0",
+    ]
+    assert [s.kind for s in samples] == ["multi", "multi", "none", "refer"]
+    np.testing.assert_array_equal(samples[0].masks[0], masks[101] | masks[102])  # the union of both targets
+    np.testing.assert_array_equal(samples[2].masks[0], np.zeros_like(masks[101]))  # no target: all zero
+    np.testing.assert_array_equal(samples[3].masks[0], masks[201])
+    for s in samples:
+        assert len(s.masks) == 1 and s.messages[-1]["content"].count(SEG_TOKEN) == 1
+    # one question family for all kinds (it must not give the answer away); answers say which
+    assert all(
+        s.messages[0]["content"] == QUESTIONS["gref"][0].format(text=phrase(t))
+        for s, t in zip(
+            samples, ["both things", "all objects", "the purple elephant", "the tall box"], strict=True
+        )
+    )
+    assert samples[0].messages[1]["content"] == ANSWERS["multi"][0]
+    assert samples[2].messages[1]["content"] == ANSWERS["none"][0]
+    assert samples[3].messages[1]["content"] == ANSWERS["refer"][0]
+    train = GReferSegDataset(root / "refer_seg/grefcoco", "train", root / COCO_DIR)
+    np.testing.assert_array_equal(train[0].masks[0], masks[201] | masks[202])
+    assert [
+        len(GReferSegDataset(root / "refer_seg/grefcoco", s, root / COCO_DIR)) for s in ("testA", "testB")
+    ] == [1, 1]
+
+
+def test_grefcoco_pickle_variant_and_contradictions(playground, tmp_path):
+    import pickle
+
+    root, masks = playground
+    grefs = json.loads((root / "refer_seg/grefcoco/grefs(unc).json").read_text())
+    d = tmp_path / "grefcoco"
+    d.mkdir()
+    (d / "instances.json").write_text((root / "refer_seg/grefcoco/instances.json").read_text())
+    grefs[1]["ann_id"] = [101]  # marked no_target but pointing at an object
+    (d / "grefs(unc).p").write_bytes(pickle.dumps(grefs, protocol=2))
+    ds = GReferSegDataset(d, "val", root / COCO_DIR)
+    assert ds.refs_path.name == "grefs(unc).p" and len(ds) == 4
+    np.testing.assert_array_equal(ds[0].masks[0], masks[101] | masks[102])
+    with pytest.raises(DataError, match="ref 11 is marked no_target but points at annotations"):
+        ds[2]
+
+
+def test_corrupt_masks_and_images_raise_naming_the_file(playground, tmp_path):
+    root, _ = playground
+    d = tmp_path / "refer_seg/refcoco"
+    d.mkdir(parents=True)
+    inst = json.loads((root / "refer_seg/refcoco/instances.json").read_text())
+    for a in inst["annotations"]:
+        if a["id"] == 201:
+            a["segmentation"]["size"] = [10, 10]  # RLE of another size than its image
+        if a["id"] == 101:
+            a["segmentation"] = [[8, 8, 24, 8, 24]]  # odd number of coordinates
+    inst["annotations"] = [a for a in inst["annotations"] if a["id"] != 202]  # a missing annotation
+    (d / "instances.json").write_text(json.dumps(inst))
+    (d / "refs(unc).p").write_bytes((root / "refer_seg/refcoco/refs(unc).p").read_bytes())
+    ds = ReferSegDataset(tmp_path / "refer_seg", "refcoco", "val", root / COCO_DIR)
+    with pytest.raises(DataError, match=r"instances\.json has no annotation 202 with a segmentation \(ref 3"):
+        ds[0]
+    with pytest.raises(
+        DataError, match=r"ref 4 \(ann 201\): RLE mask is 10x10 \(HxW\) but its image is 56x72"
+    ):
+        ds[2]
+    train = ReferSegDataset(tmp_path / "refer_seg", "refcoco", "train", root / COCO_DIR)
+    with pytest.raises(DataError, match=r"ref 0 \(ann 101\): a polygon must be a flat list of x, y pairs"):
+        train[0]
+    wrong_dir = ReferSegDataset(root / "refer_seg", "refcoco", "val", tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"image not found: .*nowhere/COCO_train2014_000000000002\.jpg"):
+        wrong_dir[0]

@@ -1,0 +1,216 @@
+"""The mask block's mechanics: attention, positions, equivalences (METHOD.md sections 2 and 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stamp.data.collate import StampCollator
+from stamp.data.synthetic import SyntheticScenes
+from stamp.inference.generate import generate_with_masks
+from stamp.model.mask_block import attention_mask, block_positions
+from stamp.model.tokens import SEG_TOKEN
+from tests.helpers import square_sample
+
+
+def _masks(model, processor, samples):
+    batch = StampCollator(processor)(samples)
+    with torch.no_grad():
+        return model(batch, return_lm_logits=True), batch
+
+
+def test_mask_logits_ignore_text_after_seg(tiny):
+    model, processor = tiny
+    follow_a = [{"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": "red"}]
+    follow_b = [{"role": "user", "content": "And how many shapes are there in total?"},
+                {"role": "assistant", "content": "three, I think"}]
+    a, _ = _masks(model, processor, [square_sample(extra_turns=follow_a)])
+    b, _ = _masks(model, processor, [square_sample(extra_turns=follow_b)])
+    c, _ = _masks(model, processor, [square_sample(question="Segment the grey background.")])
+    torch.testing.assert_close(a.mask_logits[0], b.mask_logits[0], rtol=0, atol=1e-5)
+    # ...while text before the <|seg|> does matter (the test can fail)
+    assert (a.mask_logits[0] - c.mask_logits[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attention, bidirectional", [("hybrid", True), ("causal", False)])
+def test_block_attention_is_bidirectional(make_model, monkeypatch, attention, bidirectional):
+    model, processor = make_model(mask_attention=attention)
+    model.eval()
+    batch = StampCollator(processor)([square_sample()])
+    with torch.no_grad():
+        _, before = model.fused_pass(batch)
+        original = model.block_embeddings
+
+        def perturbed(features):  # change only the LAST mask token of the block
+            emb = original(features).clone()
+            emb[-1] += 3.0
+            return emb
+
+        monkeypatch.setattr(model, "block_embeddings", perturbed)
+        _, after = model.fused_pass(batch)
+    first_before, first_after = before[0].flatten()[0], after[0].flatten()[0]
+    assert (before[0].flatten()[-1] - after[0].flatten()[-1]).abs() > 1e-4  # the changed token itself
+    changed = (first_before - first_after).abs() > 1e-5
+    assert bool(changed) == bidirectional
+
+
+def test_padding_never_leaks(tiny):
+    model, processor = tiny
+    short = square_sample(question="Segment it.", sid="short")
+    long = square_sample(question="Please segment the red square in the middle of this grey picture.", sid="long")
+    alone, batch_alone = _masks(model, processor, [short])
+    both, batch_both = _masks(model, processor, [short, long])
+    L = batch_alone["input_ids"].shape[1]
+    assert batch_both["input_ids"].shape[1] > L  # the short row really is padded
+    torch.testing.assert_close(both.mask_logits[0], alone.mask_logits[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(both.lm_logits[0, :L], alone.lm_logits[0], rtol=0, atol=1e-4)
+    # garbage in the padding changes nothing either
+    garbage = dict(batch_both)
+    ids = batch_both["input_ids"].clone()
+    ids[0, L:] = processor.tokenizer(" the", add_special_tokens=False).input_ids[0]
+    garbage["input_ids"] = ids
+    with torch.no_grad():
+        g = model(garbage, return_lm_logits=True)
+    for x, y in zip(g.mask_logits, both.mask_logits, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g.lm_logits[1], both.lm_logits[1], rtol=0, atol=1e-5)
+
+
+def test_positions_hand_computed(tiny, monkeypatch):
+    """112x112 image: 8x8 patches, 4x4 cells (16 image tokens). With the image starting at
+    position s, cell (i, j) gets (t, h, w) = (s, s+i, s+j); the text after it restarts at
+    s + max(4, 4) and runs on by one per token."""
+    model, processor = tiny
+    sample = square_sample(size=112, question="Go.", answer=SEG_TOKEN)
+    batch = StampCollator(processor)([sample])
+    assert batch["grid_hw"] == [(4, 4)]
+    ids = batch["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    vs = ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))
+    seg = ids.index(tok.convert_tokens_to_ids(SEG_TOKEN))
+    seen = {}
+    real = model.run_language_model
+
+    def spy(embeds, positions, mask, cache=None):
+        seen["positions"] = positions.clone()
+        return real(embeds, positions, mask, cache)
+
+    monkeypatch.setattr(model, "run_language_model", spy)
+    rows = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    cols = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]
+    L = batch["input_ids"].shape[1]
+    for mode in ("sequential", "grid"):
+        monkeypatch.setattr(model, "mask_positions", mode)
+        with torch.no_grad():
+            model.fused_pass(batch)
+        pos = seen["positions"][:, 0]
+        assert pos[:, : vs + 1].tolist() == [list(range(vs + 1))] * 3
+        s = vs + 1
+        assert pos[:, s : s + 16].tolist() == [[s] * 16, [s + r for r in rows], [s + c for c in cols]]
+        p_seg = s + 4 + (seg - (s + 16))  # <|vision_end|> sits at s + 4
+        assert pos[:, s + 16].tolist() == [s + 4] * 3
+        assert pos[:, seg].tolist() == [p_seg] * 3
+        block = pos[:, L : L + 16].tolist()
+        q = p_seg + 1
+        if mode == "sequential":
+            assert block == [list(range(q, q + 16))] * 3
+        else:
+            assert block == [[q] * 16, [q + r for r in rows], [q + c for c in cols]]
+
+
+def test_block_positions_unknown_mode():
+    with pytest.raises(ValueError, match="mask_positions"):
+        block_positions(torch.tensor([3, 3, 3]), (2, 2), "diagonal")
+
+
+def test_attention_mask_rules():
+    # keys: text 0..3 (3 is padding), block A = cols 4,5 (seg at 1), block B = cols 6,7 (seg at 2)
+    key_text = torch.tensor([[0, 1, 2, -1, -1, -1, -1, -1]])
+    group = torch.tensor([[-1, -1, -1, -1, 0, 0, 1, 1]])
+    limit = torch.tensor([[0, 1, 2, -1, 1, 1, 2, 2]])
+    m = attention_mask(key_text, group, limit, group, torch.arange(8)[None])[0, 0].int()
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0, 0],  # padding sees only itself
+        [1, 1, 0, 0, 1, 1, 0, 0],  # block A: prefix through its seg + its whole block
+        [1, 1, 0, 0, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0, 0, 1, 1],  # block B never sees block A
+        [1, 1, 1, 0, 0, 0, 1, 1],
+    ])
+    assert torch.equal(m, expected)
+
+
+def test_no_seg_equals_transformers_forward(tiny):
+    model, processor = tiny
+    vqa = [s for s in (SyntheticScenes("val", size=60)[i] for i in range(60)) if s.kind == "vqa"][:3]
+    out, batch = _masks(model, processor, vqa)
+    assert out.mask_logits == []
+    with torch.no_grad():
+        ref = model.qwen(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"],
+        ).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.lm_logits[valid], ref[valid], rtol=0, atol=1e-5)
+
+
+def _mixed_batch(processor):
+    """Two samples of each kind: several <|seg|> per row, VQA rows without any, padding."""
+    ds = SyntheticScenes("val", size=200)
+    samples = []
+    for kind in ("pair", "vqa", "refer", "multi"):
+        samples += [s for s in (ds[i] for i in range(60)) if s.kind == kind][:2]
+    return samples
+
+
+@pytest.mark.parametrize("positions", ["sequential", "grid"])
+def test_fused_equals_two_pass(make_model, positions):
+    model, processor = make_model(mask_positions=positions)
+    model.eval()
+    batch = StampCollator(processor)(_mixed_batch(processor))
+    with torch.no_grad():
+        fused = model(batch, return_lm_logits=True)
+        model.train_forward = "two_pass"
+        ref = model(batch, return_lm_logits=True)
+    assert len(fused.mask_logits) == len(batch["seg_targets"]) >= 8
+    for a, b in zip(fused.mask_logits, ref.mask_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(fused.lm_logits[valid], ref.lm_logits[valid], rtol=0, atol=1e-4)
+    for x in ("loss", "loss_lm", "loss_seg"):
+        torch.testing.assert_close(getattr(fused, x), getattr(ref, x), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["hybrid", "causal"])
+def test_cached_mask_forward_equals_training_path(make_model, attention):
+    """Inference (prefill + one batched block forward on the cache) = the training layout."""
+    model, processor = make_model(mask_attention=attention)
+    model.eval()
+    samples = _mixed_batch(processor)
+    with torch.no_grad():
+        train_logits = model(StampCollator(processor)(samples)).mask_logits
+    batch = StampCollator(processor, "generate", teacher_forcing=True)(samples)
+    rows = generate_with_masks(model, batch, processor.tokenizer, teacher_forcing=True)
+    cached = [lg for r in rows for lg in r.cell_logits]
+    assert len(cached) == len(train_logits)
+    for a, b in zip(cached, train_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_vision_encoder_runs_once_per_image(tiny):
+    model, processor = tiny
+    samples = _mixed_batch(processor)
+    calls = []
+    handle = model.qwen.model.visual.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        batch = StampCollator(processor, "generate", teacher_forcing=True)(samples)
+        generate_with_masks(model, batch, processor.tokenizer, teacher_forcing=True)
+        assert len(calls) == 1  # one call encodes the whole batch of images
+        calls.clear()
+        batch = StampCollator(processor, "generate")(samples)
+        generate_with_masks(model, batch, processor.tokenizer, max_new_tokens=6)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
