@@ -9,8 +9,14 @@ from stamp.data.sample import Sample
 from stamp.model.tokens import SEG_TOKEN
 
 
-def square_sample(size: int = 112, box=(28, 28, 84, 84), question: str = "Segment the red square.",
-                  answer: str = f"Sure, it is {SEG_TOKEN}", extra_turns: list[dict] | None = None, sid: str = "t") -> Sample:
+def square_sample(
+    size: int = 112,
+    box=(28, 28, 84, 84),
+    question: str = "Segment the red square.",
+    answer: str = f"Sure, it is {SEG_TOKEN}",
+    extra_turns: list[dict] | None = None,
+    sid: str = "t",
+) -> Sample:
     """A red square on grey, with its mask."""
     img = np.full((size, size, 3), 200, dtype=np.uint8)
     x0, y0, x1, y1 = box

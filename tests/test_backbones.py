@@ -20,7 +20,9 @@ def test_2b_full_finetune_on_meta(compose_cfg):
     n = sum(p.numel() for p in model.parameters())
     assert 2.15e9 < n < 2.25e9, n
     assert cfg.model.lora is None and cfg.model.dtype == "bfloat16"
-    assert cfg.optimizer.lr == 3e-5 and cfg.optimizer.weight_decay == 0.0 and cfg.scheduler.warmup_ratio == 0.03
+    assert (
+        cfg.optimizer.lr == 3e-5 and cfg.optimizer.weight_decay == 0.0 and cfg.scheduler.warmup_ratio == 0.03
+    )
     assert cfg.trainer.gradient_clip_val == 1.0
 
 

@@ -39,9 +39,9 @@ def test_own_checkpoint_round_trip(tiny, tmp_path):
 def _legacy_name(key: str) -> str:
     """transformers 5 key -> the transformers 4.x legacy name the released files use."""
     if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
+        return "model." + key[len("model.language_model.") :]
     if key.startswith("model.visual."):
-        return key[len("model."):]
+        return key[len("model.") :]
     return key
 
 
@@ -64,10 +64,16 @@ def write_released_full(tiny_dir: Path, out: Path) -> tuple[torch.Tensor, torch.
     flat = {k: v for k, v in cfg["text_config"].items() if k not in ("model_type", "rope_parameters")}
     rope = cfg["text_config"]["rope_parameters"]
     flat.update(
-        architectures=["SegQwenVL"], model_type="qwen2_vl", vision_config=cfg["vision_config"],
-        rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
+        architectures=["SegQwenVL"],
+        model_type="qwen2_vl",
+        vision_config=cfg["vision_config"],
+        rope_theta=rope["rope_theta"],
+        rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
         tie_word_embeddings=cfg["tie_word_embeddings"],
-        **{k: cfg[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+        **{
+            k: cfg[k]
+            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        },
     )
     (out / "config.json").write_text(json.dumps(flat, indent=2))
     return weight, bias
@@ -75,7 +81,9 @@ def write_released_full(tiny_dir: Path, out: Path) -> tuple[torch.Tensor, torch.
 
 def test_released_full_checkpoint(tiny_dir, tmp_path):
     weight, bias = write_released_full(tiny_dir, tmp_path / "STAMP-2B")
-    assert any(k.startswith("model.layers.") for k in load_file(str(tmp_path / "STAMP-2B" / "model.safetensors")))
+    assert any(
+        k.startswith("model.layers.") for k in load_file(str(tmp_path / "STAMP-2B" / "model.safetensors"))
+    )
     model, processor = load_stamp(tmp_path / "STAMP-2B")
     assert model.mask_positions == "sequential"
     torch.testing.assert_close(model.mask_head.weight.data, weight)
@@ -83,9 +91,13 @@ def test_released_full_checkpoint(tiny_dir, tmp_path):
     assert all(t in processor.tokenizer.get_vocab() for t in LEGACY_TOKENS)
     # the backbone weights really arrived under their new names
     ref = Qwen2VLForConditionalGeneration.from_pretrained(tiny_dir)
-    torch.testing.assert_close(model.qwen.model.language_model.layers[0].self_attn.q_proj.weight,
-                               ref.model.language_model.layers[0].self_attn.q_proj.weight)
-    torch.testing.assert_close(model.qwen.model.visual.blocks[0].attn.qkv.weight, ref.model.visual.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(
+        model.qwen.model.language_model.layers[0].self_attn.q_proj.weight,
+        ref.model.language_model.layers[0].self_attn.q_proj.weight,
+    )
+    torch.testing.assert_close(
+        model.qwen.model.visual.blocks[0].attn.qkv.weight, ref.model.visual.blocks[0].attn.qkv.weight
+    )
 
 
 class SegQwenVL(Qwen2VLForConditionalGeneration):
@@ -101,9 +113,17 @@ def write_released_lora(tiny_dir: Path, out: Path, legacy_keys: bool):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(2)
-    base = SegQwenVL.from_pretrained(tiny_dir)
-    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                        "gate_proj", "up_proj", "down_proj"], modules_to_save=["embed_tokens", "lm_head", "classifier"])
+    plain = Qwen2VLForConditionalGeneration.from_pretrained(tiny_dir)
+    base = SegQwenVL(plain.config)  # the tiny weights + a fresh classifier
+    missing, unexpected = base.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {"classifier.weight", "classifier.bias"} and not unexpected
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        modules_to_save=["embed_tokens", "lm_head", "classifier"],
+    )
     peft_model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -116,8 +136,12 @@ def write_released_lora(tiny_dir: Path, out: Path, legacy_keys: bool):
     if legacy_keys:  # the same tensors under transformers 4.x module names
         f = next(out.glob("adapter_model.safetensors"))
         state = load_file(str(f))
-        renamed = {k.replace("model.model.language_model.", "model.model.").replace("model.model.visual.", "model.visual."): v
-                   for k, v in state.items()}
+        renamed = {
+            k.replace("model.model.language_model.", "model.model.").replace(
+                "model.model.visual.", "model.visual."
+            ): v
+            for k, v in state.items()
+        }
         assert renamed != state
         save_file(renamed, str(f), metadata={"format": "pt"})
     return peft_model
@@ -134,9 +158,13 @@ def test_released_lora_adapter(tiny_dir, tmp_path, legacy_keys):
     batch = StampCollator(processor)([square_sample()])
     with torch.no_grad():
         ours = model(batch, return_lm_logits=True).lm_logits
-        theirs = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                     mm_token_type_ids=batch["mm_token_type_ids"]).logits
+        theirs = ref(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+        ).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 

@@ -17,17 +17,30 @@ from tests.helpers import square_sample
 BIN = Path(sys.executable).parent
 
 
-def cli(name: str, *args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(
+    name: str, *args: str, stdin: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([str(BIN / name), *args], input=stdin, capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [str(BIN / name), *args], input=stdin, capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_eval_writes_results(compose_cfg, stamp_ckpt, tmp_path):
     from stamp.cli.eval import run
 
-    cfg = compose_cfg([f"ckpt={stamp_ckpt}", "data.val.size=12", "data.test.size=6", "data.eval_splits=[val,test]",
-                       "batch_size=5", "max_new_tokens=4", "save_masks=true"], config="eval")
+    cfg = compose_cfg(
+        [
+            f"ckpt={stamp_ckpt}",
+            "data.val.size=12",
+            "data.test.size=6",
+            "data.eval_splits=[val,test]",
+            "batch_size=5",
+            "max_new_tokens=4",
+            "save_masks=true",
+        ],
+        config="eval",
+    )
     results = run(cfg)
     out = tmp_path / "run"
     saved = json.loads((out / "results.json").read_text())
@@ -60,8 +73,15 @@ def test_predict_synthetic_and_real_photo(stamp_ckpt, tmp_path):
     photo = _write(tmp_path, "astronaut.png", Image.fromarray(skdata.astronaut()))
     for image in (synthetic, photo):
         out = tmp_path / image.stem
-        r = cli("stamp-predict", f"ckpt={stamp_ckpt}", f"image={image}", "query=Please segment the person.",
-                f"out_dir={out}", "max_new_tokens=6", f"hydra.run.dir={tmp_path / 'hydra'}")
+        r = cli(
+            "stamp-predict",
+            f"ckpt={stamp_ckpt}",
+            f"image={image}",
+            "query=Please segment the person.",
+            f"out_dir={out}",
+            "max_new_tokens=6",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        )
         assert r.returncode == 0, r.stderr
         assert "answer:" in r.stdout
         # an untrained model may or may not emit <|seg|>; force one with the known-answer path below
@@ -82,21 +102,34 @@ def test_predict_synthetic_and_real_photo(stamp_ckpt, tmp_path):
 @pytest.mark.slow
 def test_predict_chat_three_turns(stamp_ckpt, tmp_path):
     image = _write(tmp_path, "shapes.png", square_sample(size=224).image)
-    r = cli("stamp-predict", f"ckpt={stamp_ckpt}", f"image={image}", "--chat", "max_new_tokens=4",
-            f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}",
-            stdin="Segment the red square.\nNow the left one.\nWhat colour is it?\n")
+    r = cli(
+        "stamp-predict",
+        f"ckpt={stamp_ckpt}",
+        f"image={image}",
+        "--chat",
+        "max_new_tokens=4",
+        f"out_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        stdin="Segment the red square.\nNow the left one.\nWhat colour is it?\n",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("answer:") == 3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["unreadable", "directory", "empty_query", "missing_sam", "no_mask_head", "no_ckpt"])
+@pytest.mark.parametrize(
+    "case", ["unreadable", "directory", "empty_query", "missing_sam", "no_mask_head", "no_ckpt"]
+)
 def test_predict_bad_input(case, stamp_ckpt, tiny_dir, tmp_path):
     image = _write(tmp_path, "ok.png", square_sample().image)
     args = {"ckpt": str(stamp_ckpt), "image": str(image), "query": "Segment it."}
     expected = {
-        "unreadable": "cannot read", "directory": "is a directory", "empty_query": "the query is empty",
-        "missing_sam": "SAM checkpoint", "no_mask_head": "has no mask head", "no_ckpt": "does not exist",
+        "unreadable": "cannot read",
+        "directory": "is a directory",
+        "empty_query": "the query is empty",
+        "missing_sam": "SAM checkpoint",
+        "no_mask_head": "has no mask head",
+        "no_ckpt": "does not exist",
     }[case]
     if case == "unreadable":
         (tmp_path / "bad.jpg").write_text("this is not a jpeg")
@@ -110,6 +143,8 @@ def test_predict_bad_input(case, stamp_ckpt, tiny_dir, tmp_path):
     elif case == "no_ckpt":
         args["ckpt"] = str(tmp_path / "nothing-here")
     extra = [f"sam.checkpoint={tmp_path / 'sam_vit_h_4b8939.pth'}"] if case == "missing_sam" else []
-    r = cli("stamp-predict", *[f"{k}={v}" for k, v in args.items()], *extra, f"hydra.run.dir={tmp_path / 'hydra'}")
+    r = cli(
+        "stamp-predict", *[f"{k}={v}" for k, v in args.items()], *extra, f"hydra.run.dir={tmp_path / 'hydra'}"
+    )
     assert r.returncode == 1
     assert expected in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -40,7 +40,9 @@ def test_cell_mask_bilinear_then_threshold():
 
 def test_generate_mode_left_pads_prompts(tiny):
     _, processor = tiny
-    batch = StampCollator(processor, "generate")([square_sample(question="Hi."), square_sample(question="A longer question here.")])
+    batch = StampCollator(processor, "generate")(
+        [square_sample(question="Hi."), square_sample(question="A longer question here.")]
+    )
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()
     text = processor.tokenizer.decode(batch["input_ids"][1], skip_special_tokens=False)
     assert text.endswith("<|im_start|>assistant\n") and "Sure" not in text
@@ -48,27 +50,51 @@ def test_generate_mode_left_pads_prompts(tiny):
 
 def test_segmentation_sample_without_image():
     with pytest.raises(ValueError, match="has no image"):
-        Sample(image=None, messages=[{"role": "user", "content": "Segment it."},
-                                     {"role": "assistant", "content": SEG_TOKEN}], masks=[np.zeros((4, 4), bool)], id="x1")
+        Sample(
+            image=None,
+            messages=[
+                {"role": "user", "content": "Segment it."},
+                {"role": "assistant", "content": SEG_TOKEN},
+            ],
+            masks=[np.zeros((4, 4), bool)],
+            id="x1",
+        )
 
 
 def test_mask_size_differs_from_image():
     img = Image.new("RGB", (64, 48))
     with pytest.raises(ValueError, match=r"mask 0 has shape \(48, 60\) but its image is 48x64"):
-        Sample(image=img, messages=[{"role": "user", "content": "Segment it."},
-                                    {"role": "assistant", "content": SEG_TOKEN}], masks=[np.zeros((48, 60), bool)], id="x2")
+        Sample(
+            image=img,
+            messages=[
+                {"role": "user", "content": "Segment it."},
+                {"role": "assistant", "content": SEG_TOKEN},
+            ],
+            masks=[np.zeros((48, 60), bool)],
+            id="x2",
+        )
 
 
 def test_masks_must_match_seg_count():
     img = Image.new("RGB", (64, 64))
     with pytest.raises(ValueError, match=r"1 <\|seg\|> token\(s\) in its answers but 2 mask\(s\)"):
-        Sample(image=img, messages=[{"role": "user", "content": "Segment it."},
-                                    {"role": "assistant", "content": SEG_TOKEN}], masks=[np.zeros((64, 64), bool)] * 2)
+        Sample(
+            image=img,
+            messages=[
+                {"role": "user", "content": "Segment it."},
+                {"role": "assistant", "content": SEG_TOKEN},
+            ],
+            masks=[np.zeros((64, 64), bool)] * 2,
+        )
 
 
 def test_image_smaller_than_a_cell(tiny):
     _, processor = tiny
-    s = Sample(image=Image.new("RGB", (20, 40)), messages=[{"role": "user", "content": "Segment it."},
-               {"role": "assistant", "content": SEG_TOKEN}], masks=[np.zeros((40, 20), bool)], id="small-1")
+    s = Sample(
+        image=Image.new("RGB", (20, 40)),
+        messages=[{"role": "user", "content": "Segment it."}, {"role": "assistant", "content": SEG_TOKEN}],
+        masks=[np.zeros((40, 20), bool)],
+        id="small-1",
+    )
     with pytest.raises(ValueError, match=r"sample 'small-1': image is 20x40 pixels, smaller than one 28x28"):
         StampCollator(processor)([s])

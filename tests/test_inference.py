@@ -23,7 +23,9 @@ def segmenter(tiny, tmp_path_factory) -> Segmenter:
 
 def test_segment_with_given_answer(segmenter):
     image = square_sample(size=140).image  # 140 px: not a multiple of the 28-px cell
-    r = segmenter.segment(image, "Segment the red square.", answer=f"Sure, the red square is {SEG_TOKEN} and {SEG_TOKEN}")
+    r = segmenter.segment(
+        image, "Segment the red square.", answer=f"Sure, the red square is {SEG_TOKEN} and {SEG_TOKEN}"
+    )
     assert r.text == f"Sure, the red square is {SEG_TOKEN} and {SEG_TOKEN}"
     assert len(r.masks) == len(r.cell_logits) == 2
     assert all(m.shape == (140, 140) and m.dtype == bool for m in r.masks)
@@ -36,7 +38,11 @@ def test_segment_with_given_answer(segmenter):
 
 
 def test_segment_generates_and_batches(segmenter):
-    images = [square_sample(size=112).image, square_sample(size=168).image, Image.new("RGB", (200, 120), "white")]
+    images = [
+        square_sample(size=112).image,
+        square_sample(size=168).image,
+        Image.new("RGB", (200, 120), "white"),
+    ]
     results = segmenter.segment_batch(images, ["Segment the red square.", "How many shapes?", "Segment it."])
     assert len(results) == 3
     for im, r in zip(images, results, strict=True):
@@ -49,7 +55,9 @@ def test_segment_generates_and_batches(segmenter):
 
 def test_history_is_part_of_the_prompt(segmenter):
     image = square_sample().image
-    a = segmenter.segment(image, "Now the left one.", answer=SEG_TOKEN, history=[("Segment the square.", f"It is {SEG_TOKEN}")])
+    a = segmenter.segment(
+        image, "Now the left one.", answer=SEG_TOKEN, history=[("Segment the square.", f"It is {SEG_TOKEN}")]
+    )
     b = segmenter.segment(image, "Now the left one.", answer=SEG_TOKEN)
     assert len(a.masks) == 1  # only the last answer's masks are predicted
     assert not torch.equal(a.cell_logits[0], b.cell_logits[0])
@@ -60,10 +68,14 @@ def test_each_image_is_encoded_once_per_call(segmenter):
     encoded = []
     handle = visual.register_forward_hook(lambda m, args, kwargs_out: None)
     handle.remove()
-    handle = visual.register_forward_pre_hook(lambda m, args, kwargs: encoded.append(len(kwargs["grid_thw"])), with_kwargs=True)
+    handle = visual.register_forward_pre_hook(
+        lambda m, args, kwargs: encoded.append(len(kwargs["grid_thw"])), with_kwargs=True
+    )
     try:
         images = [square_sample(size=112).image] * 3
-        segmenter.segment_batch(images, ["Segment the red square."] * 3, answers=[f"{SEG_TOKEN} {SEG_TOKEN}"] * 3)
+        segmenter.segment_batch(
+            images, ["Segment the red square."] * 3, answers=[f"{SEG_TOKEN} {SEG_TOKEN}"] * 3
+        )
         assert encoded == [3]  # one encoder call for the 3 images, none for the 6 mask blocks
         encoded.clear()
         segmenter.segment(images[0], "Segment the red square.")
@@ -99,12 +111,25 @@ def small_sam():
     torch.manual_seed(0)
     dim = 32
     sam = Sam(
-        image_encoder=ImageEncoderViT(img_size=256, patch_size=16, embed_dim=32, depth=1, num_heads=2,
-                                      out_chans=dim, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(16, 16), input_image_size=(256, 256),
-                                     mask_in_chans=8),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=1, embedding_dim=dim,
-                                 mlp_dim=64, num_heads=2), transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16),
+        image_encoder=ImageEncoderViT(
+            img_size=256,
+            patch_size=16,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            out_chans=dim,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=8
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim,
+            iou_head_depth=1,
+            iou_head_hidden_dim=16,
+        ),
     ).eval()
     return SamPredictor(sam)
 

@@ -22,8 +22,10 @@ def _masks(model, processor, samples):
 def test_mask_logits_ignore_text_after_seg(tiny):
     model, processor = tiny
     follow_a = [{"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": "red"}]
-    follow_b = [{"role": "user", "content": "And how many shapes are there in total?"},
-                {"role": "assistant", "content": "three, I think"}]
+    follow_b = [
+        {"role": "user", "content": "And how many shapes are there in total?"},
+        {"role": "assistant", "content": "three, I think"},
+    ]
     a, _ = _masks(model, processor, [square_sample(extra_turns=follow_a)])
     b, _ = _masks(model, processor, [square_sample(extra_turns=follow_b)])
     c, _ = _masks(model, processor, [square_sample(question="Segment the grey background.")])
@@ -57,7 +59,9 @@ def test_block_attention_is_bidirectional(make_model, monkeypatch, attention, bi
 def test_padding_never_leaks(tiny):
     model, processor = tiny
     short = square_sample(question="Segment it.", sid="short")
-    long = square_sample(question="Please segment the red square in the middle of this grey picture.", sid="long")
+    long = square_sample(
+        question="Please segment the red square in the middle of this grey picture.", sid="long"
+    )
     alone, batch_alone = _masks(model, processor, [short])
     both, batch_both = _masks(model, processor, [short, long])
     L = batch_alone["input_ids"].shape[1]
@@ -129,16 +133,18 @@ def test_attention_mask_rules():
     group = torch.tensor([[-1, -1, -1, -1, 0, 0, 1, 1]])
     limit = torch.tensor([[0, 1, 2, -1, 1, 1, 2, 2]])
     m = attention_mask(key_text, group, limit, group, torch.arange(8)[None])[0, 0].int()
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0],
-        [0, 0, 0, 1, 0, 0, 0, 0],  # padding sees only itself
-        [1, 1, 0, 0, 1, 1, 0, 0],  # block A: prefix through its seg + its whole block
-        [1, 1, 0, 0, 1, 1, 0, 0],
-        [1, 1, 1, 0, 0, 0, 1, 1],  # block B never sees block A
-        [1, 1, 1, 0, 0, 0, 1, 1],
-    ])
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0, 0, 0],  # padding sees only itself
+            [1, 1, 0, 0, 1, 1, 0, 0],  # block A: prefix through its seg + its whole block
+            [1, 1, 0, 0, 1, 1, 0, 0],
+            [1, 1, 1, 0, 0, 0, 1, 1],  # block B never sees block A
+            [1, 1, 1, 0, 0, 0, 1, 1],
+        ]
+    )
     assert torch.equal(m, expected)
 
 
@@ -149,8 +155,11 @@ def test_no_seg_equals_transformers_forward(tiny):
     assert out.mask_logits == []
     with torch.no_grad():
         ref = model.qwen(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
         ).logits
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(out.lm_logits[valid], ref[valid], rtol=0, atol=1e-5)

@@ -24,8 +24,15 @@ def test_deterministic_and_seeded():
 
 
 def test_splits_are_disjoint():
-    seen = {split: {_digest(SyntheticScenes(split, size=150)[i]) for i in range(150)} for split in ("train", "val", "test")}
-    assert not (seen["train"] & seen["val"]) and not (seen["train"] & seen["test"]) and not (seen["val"] & seen["test"])
+    seen = {
+        split: {_digest(SyntheticScenes(split, size=150)[i]) for i in range(150)}
+        for split in ("train", "val", "test")
+    }
+    assert (
+        not (seen["train"] & seen["val"])
+        and not (seen["train"] & seen["test"])
+        and not (seen["val"] & seen["test"])
+    )
 
 
 def test_kinds_and_masks():

@@ -36,17 +36,34 @@ def test_tiny_overfits_eight_samples(make_model):
 def test_train_entry_point_end_to_end(compose_cfg, tmp_path):
     from stamp.cli.train import train
 
-    cfg = compose_cfg([
-        "experiment=demo", "trainer.max_steps=3", "data.batch_size=4", "data.val.size=8",
-        "data.eval_batch_size=8", "generation.max_new_tokens=4", "trainer.enable_progress_bar=false",
-    ])
+    cfg = compose_cfg(
+        [
+            "experiment=demo",
+            "trainer.max_steps=3",
+            "data.batch_size=4",
+            "data.val.size=8",
+            "+data.val.kind_weights={refer: 1, none: 1, vqa: 1}",  # every metric has something to score
+            "data.eval_batch_size=8",
+            "generation.max_new_tokens=4",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
     metrics = train(cfg)
     out = tmp_path / "run"
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("train/loss", "train/loss_lm", "train/loss_seg", "val/giou", "val/ciou", "val/ciou_cell",
-                "val/ciou_oracle", "val/vqa_acc"):
+    for key in (
+        "train/loss",
+        "train/loss_lm",
+        "train/loss_seg",
+        "val/giou",
+        "val/ciou",
+        "val/ciou_cell",
+        "val/ciou_oracle",
+        "val/vqa_acc",
+    ):
         assert key in saved and key in metrics
     assert 0.0 <= saved["val/ciou_oracle"] <= 1.0
+    assert saved["val/vqa_questions"] > 0 and saved["val/expressions"] > 0
     assert (out / "overlays.png").is_file()
     assert (out / "model" / "stamp_head.safetensors").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()

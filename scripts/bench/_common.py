@@ -44,8 +44,12 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device=
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     import transformers
 
     info["transformers"] = transformers.__version__

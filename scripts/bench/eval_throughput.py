@@ -50,8 +50,18 @@ def main() -> None:
     rows = [[bs, rate[bs], results[bs].get("ciou_cell", float("nan"))] for bs in times]
     text = table(rows, ["batch", "samples/s", "ciou_cell"])
     text += f"\nbatched / batch-1 throughput: {rate[a.batch] / rate[1]:.2f}x"
-    report(text, {"bench": "eval_throughput", "samples": a.samples, "batch": a.batch, "samples_per_s_batch1": rate[1],
-                  "samples_per_s_batched": rate[a.batch], "speedup": rate[a.batch] / rate[1], "machine": machine()})
+    report(
+        text,
+        {
+            "bench": "eval_throughput",
+            "samples": a.samples,
+            "batch": a.batch,
+            "samples_per_s_batch1": rate[1],
+            "samples_per_s_batched": rate[a.batch],
+            "speedup": rate[a.batch] / rate[1],
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -41,26 +41,47 @@ def build(arch_name: str, device: str, dtype: torch.dtype, cells: int):
     processor = AutoProcessor.from_pretrained(tiny_dir(), min_pixels=pixels, max_pixels=pixels)
     add_stamp_tokens(processor.tokenizer)
     tok = processor.tokenizer
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-           ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    ids = {
+        k: tok.convert_tokens_to_ids(t)
+        for k, t in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
     if arch_name == "tiny":
         config = Qwen2VLConfig.from_pretrained(tiny_dir())
     else:
         arch = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/model/qwen2vl_2b.yaml").arch)
         arch.pop("tokenizer_len", None)
         config = Qwen2VLConfig(**{**arch, **ids})
-    vision_attn = "flash_attention_2" if device.startswith("cuda") and importlib.util.find_spec("flash_attn") else "sdpa"
+    vision_attn = (
+        "flash_attention_2"
+        if device.startswith("cuda") and importlib.util.find_spec("flash_attn")
+        else "sdpa"
+    )
     config._attn_implementation = "sdpa"
     config.text_config._attn_implementation = "sdpa"
     config.vision_config._attn_implementation = vision_attn
     torch.manual_seed(0)
     with torch.device(device):
         backbone = Qwen2VLForConditionalGeneration(config).to(dtype)
-    model = stamp_from_backbone(backbone, processor, {"mask_positions": "sequential"}).to(device=device, dtype=dtype)
+    model = stamp_from_backbone(backbone, processor, {"mask_positions": "sequential"}).to(
+        device=device, dtype=dtype
+    )
     return model, processor, vision_attn
 
 
-def batch_for(processor, device: str, cells: int, targets: int, n: int = 1, teacher_forcing: bool = True, train: bool = False):
+def batch_for(
+    processor,
+    device: str,
+    cells: int,
+    targets: int,
+    n: int = 1,
+    teacher_forcing: bool = True,
+    train: bool = False,
+):
     from stamp.data.collate import StampCollator
     from stamp.data.sample import Sample
 
@@ -68,15 +89,28 @@ def batch_for(processor, device: str, cells: int, targets: int, n: int = 1, teac
     rng = np.random.default_rng(0)
     answer = "Sure, " + " and ".join(f"the red shape {'<|seg|>'}" for _ in range(targets))
     samples = [
-        Sample(image=Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)),
-               messages=[{"role": "user", "content": "Please segment the red shapes in this picture."},
-                         {"role": "assistant", "content": answer}], masks=[np.zeros((side, side), bool)] * targets)
+        Sample(
+            image=Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)),
+            messages=[
+                {"role": "user", "content": "Please segment the red shapes in this picture."},
+                {"role": "assistant", "content": answer},
+            ],
+            masks=[np.zeros((side, side), bool)] * targets,
+        )
         for _ in range(n)
     ]
     collate = StampCollator(processor, "train" if train else "generate", teacher_forcing=teacher_forcing)
     batch = collate(samples)
-    return {k: ([t.to(device) for t in v] if k == "seg_targets" else v.to(device) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()}
+    return {
+        k: (
+            [t.to(device) for t in v]
+            if k == "seg_targets"
+            else v.to(device)
+            if isinstance(v, torch.Tensor)
+            else v
+        )
+        for k, v in batch.items()
+    }
 
 
 def main() -> None:
@@ -96,8 +130,10 @@ def main() -> None:
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     header = processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
-    print(f"built {a.arch} ({n_params / 1e9:.3f} B params) on {a.device} in {time.perf_counter() - t0:.1f}s; vision attention: {vision_attn}",
-          flush=True)
+    print(
+        f"built {a.arch} ({n_params / 1e9:.3f} B params) on {a.device} in {time.perf_counter() - t0:.1f}s; vision attention: {vision_attn}",
+        flush=True,
+    )
 
     # 1) end to end: prefill + 16 generated tokens + one mask forward (the <|seg|> is the last generated token)
     prompt = batch_for(processor, a.device, a.cells, 1, teacher_forcing=False)
@@ -122,7 +158,9 @@ def main() -> None:
         with torch.no_grad():
             state = prefill(model, forced)
         start = answer_starts(state.ids, header)[0]
-        segs = [s for s in model.find_segs(state.ids, state.valid, forced["image_grid_thw"]) if s.pos >= start]
+        segs = [
+            s for s in model.find_segs(state.ids, state.valid, forced["image_grid_thw"]) if s.pos >= start
+        ]
         assert len(segs) == k
         C = state.cached
 
@@ -159,19 +197,42 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if a.device.startswith("cuda") else float("nan")
         gpu = machine().get("gpu", "")
         peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), float("nan"))
-        train[mode] = {"step_s": t, "tokens_per_s": lm_tokens / t, "mfu": flops / t / 1e12 / peak_tflops, "peak_gib": peak}
+        train[mode] = {
+            "step_s": t,
+            "tokens_per_s": lm_tokens / t,
+            "mfu": flops / t / 1e12 / peak_tflops,
+            "peak_gib": peak,
+        }
     sync(a.device)
 
-    rows = [["end to end (prefill + 16 tokens + mask)", t_e2e * 1e3, "<= 250"], ["prefill alone", t_prefill * 1e3, "-"]]
-    rows += [[f"mask forward, K={k}", v, "<= 30" if k == 1 else f"<= {2 * mask_ms[1]:.1f} (2x K=1)"] for k, v in mask_ms.items()]
+    rows = [
+        ["end to end (prefill + 16 tokens + mask)", t_e2e * 1e3, "<= 250"],
+        ["prefill alone", t_prefill * 1e3, "-"],
+    ]
+    rows += [
+        [f"mask forward, K={k}", v, "<= 30" if k == 1 else f"<= {2 * mask_ms[1]:.1f} (2x K=1)"]
+        for k, v in mask_ms.items()
+    ]
     text = table(rows, ["latency (batch 1)", "ms", "target ms"])
     trows = [[m, v["step_s"], v["tokens_per_s"], v["mfu"], v["peak_gib"]] for m, v in train.items()]
     text += "\n\n" + table(trows, ["train step", "s/step", "tokens/s", "est. MFU", "peak GiB"])
     text += f"\ntrain batch {a.train_batch} x (1 image of {a.cells} cells, 2 <|seg|>): {lm_tokens} LM tokens, {patches} patches"
     text += f"\nfused / two-pass: {train['two_pass']['step_s'] / train['fused']['step_s']:.2f}x"
-    report(text, {"bench": "gpu_2b", "arch": a.arch, "params": n_params, "cells": a.cells, "vision_attn": vision_attn,
-                  "end_to_end_ms": t_e2e * 1e3, "prefill_ms": t_prefill * 1e3, "mask_forward_ms": mask_ms,
-                  "train": train, "machine": machine()})
+    report(
+        text,
+        {
+            "bench": "gpu_2b",
+            "arch": a.arch,
+            "params": n_params,
+            "cells": a.cells,
+            "vision_attn": vision_attn,
+            "end_to_end_ms": t_e2e * 1e3,
+            "prefill_ms": t_prefill * 1e3,
+            "mask_forward_ms": mask_ms,
+            "train": train,
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -37,15 +37,21 @@ def setup(cells: int, targets: int, device: str, backbone: str | None, dtype: st
 
     side = int(math.isqrt(cells)) * 28
     pixels = side * side
-    model, processor = build_stamp({"backbone": backbone or str(tiny_dir()), "min_pixels": pixels,
-                                    "max_pixels": pixels, "dtype": dtype})
+    model, processor = build_stamp(
+        {"backbone": backbone or str(tiny_dir()), "min_pixels": pixels, "max_pixels": pixels, "dtype": dtype}
+    )
     model.to(device).eval()
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
     answer = "Sure, " + " and ".join(f"the red shape {SEG}" for _ in range(targets))
-    sample = Sample(image=image, messages=[{"role": "user", "content": "Segment the red shapes."},
-                                           {"role": "assistant", "content": answer}],
-                    masks=[np.zeros((side, side), bool)] * targets)
+    sample = Sample(
+        image=image,
+        messages=[
+            {"role": "user", "content": "Segment the red shapes."},
+            {"role": "assistant", "content": answer},
+        ],
+        masks=[np.zeros((side, side), bool)] * targets,
+    )
     batch = StampCollator(processor, "generate", teacher_forcing=True)([sample])
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     header = processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
@@ -74,8 +80,11 @@ def released(model, batch, segs):
     out = []
     with torch.no_grad():
         for sg in segs:
-            cut = {k: (v[:, : sg.pos + 1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
-                   for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            cut = {
+                k: (v[:, : sg.pos + 1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+                for k, v in batch.items()
+                if isinstance(v, torch.Tensor)
+            }
             out += model.fused_pass(cut, segs=[Seg(0, sg.pos, sg.image, sg.grid_hw)])[1]
     return out
 
@@ -106,15 +115,23 @@ def main() -> None:
     p.add_argument("--backbone", default=None, help="checkpoint dir (default: the tiny model)")
     p.add_argument("--dtype", default="float32")
     a = p.parse_args()
-    rows, figures = [], {"bench": "mask_step", "device": a.device, "machine": machine(), "cells": {}, "targets": {}}
+    rows, figures = (
+        [],
+        {"bench": "mask_step", "device": a.device, "machine": machine(), "cells": {}, "targets": {}},
+    )
     for n in a.cells:
         model, batch, state, segs = setup(n, 1, a.device, a.backbone, a.dtype)
         t_ours = median_time(partial(ours, model, state, segs), a.repeats, device=a.device)
         t_rel = median_time(partial(released, model, batch, segs), a.repeats, device=a.device)
         t_ar = median_time(partial(ar_cells, model, state, segs), max(1, a.repeats // 2), device=a.device)
         rows.append([f"N={n}, K=1", t_ours * 1e3, t_rel * 1e3, t_ar * 1e3, t_rel / t_ours, t_ar / t_ours])
-        figures["cells"][n] = {"ours_ms": t_ours * 1e3, "released_ms": t_rel * 1e3, "ar_cells_ms": t_ar * 1e3,
-                               "vs_released": t_rel / t_ours, "vs_ar_cells": t_ar / t_ours}
+        figures["cells"][n] = {
+            "ours_ms": t_ours * 1e3,
+            "released_ms": t_rel * 1e3,
+            "ar_cells_ms": t_ar * 1e3,
+            "vs_released": t_rel / t_ours,
+            "vs_ar_cells": t_ar / t_ours,
+        }
     n = 256 if 256 in a.cells else a.cells[0]
     base = None
     for k in a.targets:
@@ -123,12 +140,18 @@ def main() -> None:
         t_rel = median_time(partial(released, model, batch, segs), a.repeats, device=a.device)
         base = base or t_ours
         rows.append([f"N={n}, K={k}", t_ours * 1e3, t_rel * 1e3, "-", t_rel / t_ours, "-"])
-        figures["targets"][k] = {"ours_ms": t_ours * 1e3, "released_ms": t_rel * 1e3, "vs_released": t_rel / t_ours,
-                                 "ours_vs_k1": t_ours / base}
+        figures["targets"][k] = {
+            "ours_ms": t_ours * 1e3,
+            "released_ms": t_rel * 1e3,
+            "vs_released": t_rel / t_ours,
+            "ours_vs_k1": t_ours / base,
+        }
     text = table(rows, ["case", "ours ms", "released ms", "AR cells ms", "released/ours", "AR/ours"])
     at = figures["cells"].get(256) or next(iter(figures["cells"].values()))
-    text += (f"\nN=256: ours is {at['vs_ar_cells']:.1f}x faster than AR cells (goal >= 20x) and "
-             f"{at['vs_released']:.1f}x faster than released (goal >= 2x)")
+    text += (
+        f"\nN=256: ours is {at['vs_ar_cells']:.1f}x faster than AR cells (goal >= 20x) and "
+        f"{at['vs_released']:.1f}x faster than released (goal >= 2x)"
+    )
     kmax = max(a.targets)
     text += f"\nK={kmax} costs {figures['targets'][kmax]['ours_vs_k1']:.2f}x K=1 (GPU goal <= 2x)"
     report(text, figures)

@@ -42,9 +42,16 @@ def child(mode: str, steps: int, batch_size: int, turns: int) -> None:
         opt.step()
         times.append(time.perf_counter() - t)
     segs = sum(len(b["seg_targets"]) for b in batches[1:])
-    print(json.dumps({"step_s": statistics.median(times[1:]), "segs_per_sample": segs / (steps * batch_size),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_before_mb": rss_before / 1024}))
+    print(
+        json.dumps(
+            {
+                "step_s": statistics.median(times[1:]),
+                "segs_per_sample": segs / (steps * batch_size),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_before_mb": rss_before / 1024,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -61,18 +68,46 @@ def main() -> None:
     runs = {"fused": [], "two_pass": []}
     for _ in range(a.repeats):
         for mode in runs:
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(a.steps), "--batch",
-                                  str(a.batch), "--turns", str(a.turns)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--steps",
+                    str(a.steps),
+                    "--batch",
+                    str(a.batch),
+                    "--turns",
+                    str(a.turns),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
-    rows = [[m, a.batch / v["step_s"], v["step_s"], v["peak_rss_mb"], v["segs_per_sample"]] for m, v in med.items()]
+    rows = [
+        [m, a.batch / v["step_s"], v["step_s"], v["peak_rss_mb"], v["segs_per_sample"]]
+        for m, v in med.items()
+    ]
     speedup = med["two_pass"]["step_s"] / med["fused"]["step_s"]
     text = table(rows, ["mode", "samples/s", "s/step", "peak RSS MB", "<|seg|>/sample"])
     text += f"\nfused / two-pass samples/s: {speedup:.2f}x (goal >= 1.4x)"
-    report(text, {"bench": "train_step", "batch": a.batch, "turns": a.turns, "fused_samples_per_s": a.batch / med["fused"]["step_s"],
-                  "two_pass_samples_per_s": a.batch / med["two_pass"]["step_s"], "speedup": speedup,
-                  "fused_peak_rss_mb": med["fused"]["peak_rss_mb"], "two_pass_peak_rss_mb": med["two_pass"]["peak_rss_mb"],
-                  "machine": machine()})
+    report(
+        text,
+        {
+            "bench": "train_step",
+            "batch": a.batch,
+            "turns": a.turns,
+            "fused_samples_per_s": a.batch / med["fused"]["step_s"],
+            "two_pass_samples_per_s": a.batch / med["two_pass"]["step_s"],
+            "speedup": speedup,
+            "fused_peak_rss_mb": med["fused"]["peak_rss_mb"],
+            "two_pass_peak_rss_mb": med["two_pass"]["peak_rss_mb"],
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,20 @@ class SegmentationMetrics(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("iou_sum", "inter", "union", "count", "no_target", "no_target_ok", "target", "target_hit"):
+        for name in (
+            "iou_sum",
+            "inter",
+            "union",
+            "count",
+            "no_target",
+            "no_target_ok",
+            "target",
+            "target_hit",
+        ):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("pr", default=torch.zeros(len(PR_THRESHOLDS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "pr", default=torch.zeros(len(PR_THRESHOLDS), dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(
         self,
@@ -58,7 +69,9 @@ class SegmentationMetrics(Metric):
         for p, g, ig in zip(preds, targets, ignores, strict=True):
             p, g = _as_bool(p).to(self.device), _as_bool(g).to(self.device)
             if p.shape != g.shape:
-                raise ValueError(f"prediction {tuple(p.shape)} and ground truth {tuple(g.shape)} differ in shape")
+                raise ValueError(
+                    f"prediction {tuple(p.shape)} and ground truth {tuple(g.shape)} differ in shape"
+                )
             if ig is not None:
                 keep = ~_as_bool(ig).to(self.device)
                 p, g = p & keep, g & keep
@@ -76,7 +89,9 @@ class SegmentationMetrics(Metric):
             else:
                 self.target += 1
                 self.target_hit += float(not empty_pred)
-                self.pr += (iou > torch.tensor(PR_THRESHOLDS, dtype=torch.float64, device=self.device)).double()
+                self.pr += (
+                    iou > torch.tensor(PR_THRESHOLDS, dtype=torch.float64, device=self.device)
+                ).double()
 
     def compute(self) -> dict[str, torch.Tensor]:
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
@@ -86,7 +101,9 @@ class SegmentationMetrics(Metric):
 
         out = {
             "giou": rate(self.iou_sum, self.count),
-            "ciou": rate(self.inter, self.union) if self.union > 0 else (nan if self.count == 0 else self.iou_sum * 0 + 1),
+            "ciou": rate(self.inter, self.union)
+            if self.union > 0
+            else (nan if self.count == 0 else self.iou_sum * 0 + 1),
             "n_acc": rate(self.no_target_ok, self.no_target),
             "t_acc": rate(self.target_hit, self.target),
         }

@@ -19,7 +19,14 @@ if not OmegaConf.has_resolver("stamp_root"):
 
 
 # Errors that come from what the user asked for (a path, a value), not from a bug.
-USER_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, OSError, MissingMandatoryValue)
+USER_ERRORS = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    OSError,
+    MissingMandatoryValue,
+)
 
 
 @contextmanager

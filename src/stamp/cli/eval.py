@@ -22,7 +22,18 @@ from stamp.metrics import SegmentationMetrics
 from stamp.utils.overlay import mask_image
 
 log = logging.getLogger(__name__)
-TABLE = ("giou", "ciou", "giou_sam", "ciou_sam", "n_acc", "t_acc", "ciou_cell", "ciou_oracle", "vqa_acc", "expressions")
+TABLE = (
+    "giou",
+    "ciou",
+    "giou_sam",
+    "ciou_sam",
+    "n_acc",
+    "t_acc",
+    "ciou_cell",
+    "ciou_oracle",
+    "vqa_acc",
+    "expressions",
+)
 
 
 def resolve_device(name: str) -> str:
@@ -31,8 +42,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def evaluate_split(model, processor, dataset, batch_size: int, max_new_tokens: int, refiner=None,
-                   mask_dir: Path | None = None, desc: str = "eval") -> dict[str, float]:
+def evaluate_split(
+    model,
+    processor,
+    dataset,
+    batch_size: int,
+    max_new_tokens: int,
+    refiner=None,
+    mask_dir: Path | None = None,
+    desc: str = "eval",
+) -> dict[str, float]:
     """Generate answers and masks for every sample of ``dataset`` and score them."""
     device = next(model.parameters()).device
     scorer = StampScorer().to(device)
@@ -46,7 +65,9 @@ def evaluate_split(model, processor, dataset, batch_size: int, max_new_tokens: i
         for s, row, grid in zip(samples, rows, grids, strict=True):
             if not s.masks:
                 continue
-            coarse = [upsample(predicted_cells(row, k, grid), s.masks[k].shape).numpy() for k in range(len(s.masks))]
+            coarse = [
+                upsample(predicted_cells(row, k, grid), s.masks[k].shape).numpy() for k in range(len(s.masks))
+            ]
             final = refiner.refine(s.image, coarse) if refiner is not None else coarse
             if refiner is not None:
                 refined.update(final, s.masks, None if s.ignore is None else [s.ignore] * len(final))
@@ -65,7 +86,9 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
     cols = [c for c in TABLE if any(c in r for r in results.values())]
     lines = ["| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for split, r in results.items():
-        cells = [(f"{r[c]:.0f}" if c == "expressions" else f"{100 * r[c]:.2f}") if c in r else "-" for c in cols]
+        cells = [
+            (f"{r[c]:.0f}" if c == "expressions" else f"{100 * r[c]:.2f}") if c in r else "-" for c in cols
+        ]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -82,18 +105,22 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         from stamp.inference.sam import SamRefiner
 
         s = cfg.sam
-        refiner = SamRefiner.from_checkpoint(s.checkpoint, s.model_type, device, points=s.points,
-                                             iterations=s.iterations, seed=s.seed)
+        refiner = SamRefiner.from_checkpoint(
+            s.checkpoint, s.model_type, device, points=s.points, iterations=s.iterations, seed=s.seed
+        )
     out_dir = Path(cfg.paths.output_dir)
     results = {}
     for split in cfg.data.eval_splits:
         dataset = eval_dataset(cfg.data, split)
         mask_dir = out_dir / "masks" / split if cfg.save_masks else None
-        results[split] = evaluate_split(model, processor, dataset, cfg.batch_size, cfg.max_new_tokens,
-                                        refiner, mask_dir, desc=split)
+        results[split] = evaluate_split(
+            model, processor, dataset, cfg.batch_size, cfg.max_new_tokens, refiner, mask_dir, desc=split
+        )
         log.info("%s: %s", split, {k: round(v, 4) for k, v in results[split].items()})
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"ckpt": str(cfg.ckpt), "splits": results}, indent=2) + "\n")
+    (out_dir / "results.json").write_text(
+        json.dumps({"ckpt": str(cfg.ckpt), "splits": results}, indent=2) + "\n"
+    )
     (out_dir / "results.md").write_text(markdown_table(results))
     log_to_loggers(cfg, results)
     print(markdown_table(results))

@@ -18,8 +18,12 @@ def load_segmenter(cfg: DictConfig):
     device = resolve_device(cfg.device)
     sam = OmegaConf.to_container(cfg.sam) if cfg.sam.checkpoint else None
     return Segmenter.from_pretrained(
-        cfg.ckpt, device=device, dtype=None if cfg.dtype == "auto" else cfg.dtype,
-        max_new_tokens=cfg.max_new_tokens, sam=sam, **cfg.get("model_overrides", {}),
+        cfg.ckpt,
+        device=device,
+        dtype=None if cfg.dtype == "auto" else cfg.dtype,
+        max_new_tokens=cfg.max_new_tokens,
+        sam=sam,
+        **cfg.get("model_overrides", {}),
     )
 
 
@@ -48,7 +52,7 @@ def run(cfg: DictConfig) -> None:
 
     image = load_image(cfg.image)
     if not cfg.chat and (cfg.query is None or not str(cfg.query).strip()):
-        raise ValueError("the query is empty; pass query=\"...\" (or chat=true to type queries)")
+        raise ValueError('the query is empty; pass query="..." (or chat=true to type queries)')
     seg = load_segmenter(cfg)
     out_dir = Path(cfg.out_dir)
     if not cfg.chat:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -13,44 +14,82 @@ from omegaconf import DictConfig, OmegaConf
 
 from stamp.cli import CONF_DIR
 from stamp.model.build import save_stamp
+from stamp.training.distributed import check_export, end_distributed_job, pin_run_dir_for_children
 from stamp.training.module import StampLitModule
+from stamp.training.resume import resolve_ckpt_path
+from stamp.training.tracking import finish_wandb, log_run_config, wandb_init_args
 
 log = logging.getLogger(__name__)
 
 
-def instantiate_group(group: DictConfig | None) -> list:
-    """Instantiate every entry of a config group such as ``callbacks`` or ``logger``."""
+def instantiate_group(group: DictConfig | None, extra: Callable[[DictConfig], dict] | None = None) -> list:
+    """Instantiate every entry of a config group such as ``callbacks`` or ``logger``
+    (``extra(entry)``: more keyword arguments for an entry)."""
     if not group:
         return []
-    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+    entries = [c for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+    return [instantiate(c, **(extra(c) if extra else {})) for c in entries]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; return the final logged metrics."""
+    if is_dry_run(cfg):
+        from stamp.model.budget import dry_run
+
+        model, trainer = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "trainer"))
+        return dry_run(model, trainer)
+    ckpt_path = resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = StampLitModule(cfg.model, cfg.optimizer, cfg.scheduler, cfg.generation)
     datamodule = instantiate(cfg.data, processor=module.processor)
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = instantiate_group(cfg.get("logger"), lambda c: wandb_init_args(c, cfg))
+    log_run_config(loggers, cfg, module.net)
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # nothing to report a learning rate to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.get("export") and trainer.is_global_zero:
-        out = save_stamp(module.net, module.processor, Path(cfg.paths.output_dir) / "model")
-        log.info("exported the trained model to %s", out)
+    check_export(trainer, bool(cfg.get("export")))
+    launch_env = pin_run_dir_for_children()  # the ranks a ddp launcher starts write to this run's dir
+    failed = True
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.get("export") and trainer.is_global_zero:
+            out = save_stamp(module.net, module.processor, Path(cfg.paths.output_dir) / "model")
+            log.info("exported the trained model to %s", out)
+        failed = False
+    finally:
+        finish_wandb(loggers, failed)  # each job of a multirun logs into its own W&B run
+        end_distributed_job(launch_env)  # the next job of a multirun starts its own process group
     return metrics
+
+
+def is_dry_run(cfg: DictConfig) -> bool:
+    return bool(OmegaConf.select(cfg, "train.dry_run", default=False))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     metrics = train(cfg)
+    if is_dry_run(cfg):
+        return None
     metrics_file = Path(cfg.paths.output_dir) / "metrics.json"
     if metrics_file.exists():
         print(metrics_file)
-    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    return optimized_value(metrics, cfg.get("optimized_metric"))
+
+
+def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value of ``optimized_metric`` for a sweeper (``None`` when no metric is named)."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ValueError(
+            f"optimized_metric={name!r} was not logged by this run; "
+            f"logged metrics: {sorted(metrics) or 'none'} (set optimized_metric to one of them)"
+        )
+    return float(metrics[name])
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ class StampCollator:
         batch["skipped"] = sum(len(s.skipped) for s in samples)  # broken samples replaced (training)
         if self.mode == "train":
             batch["labels"] = self.labels(enc["input_ids"], enc["attention_mask"])
-            batch["seg_targets"] = [cell_mask(m, g) for s, g in zip(samples, grids, strict=True) for m in s.masks]
+            batch["seg_targets"] = [
+                cell_mask(m, g) for s, g in zip(samples, grids, strict=True) for m in s.masks
+            ]
         return batch
 
     def labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from stamp.data.collate import StampCollator
 from stamp.data.mixing import SkipBadSamples
+from stamp.data.resumable import ResumableDataLoader, ResumableSampler
+from stamp.training.distributed import UnpaddedDistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,8 @@ class StampDataModule(L.LightningDataModule):
         num_workers: data-loading worker processes.
         shuffle: shuffle the training set (off for generated data whose order is a curriculum).
         eval_splits, splits: named evaluation splits (``stamp-eval`` reads these from the config).
-        seed: seeds the training shuffle (None = torch's global generator, as seeded by the
-            entry point).
+        seed: seeds the training shuffle (None = torch's initial seed, as the entry point set
+            it); epoch ``e`` is permuted by ``seed + e``.
         skip_bad: in training, replace samples whose image or mask is missing or corrupt and
             count them (``batch["skipped"]``); validation and test always fail on them.
     """
@@ -57,38 +59,66 @@ class StampDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         # Datasets that read their files lazily do it here, in the main process, once - not
         # in every data-loader worker.
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test"))
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(
+            stage, ("train", "val", "test")
+        )
         for name in wanted:
             ds = getattr(self, f"{name}_set")
             if ds is not None:
                 log.info("data %s: %d samples (%s)", name, len(ds), type(ds).__name__)
 
-    def _loader(self, dataset, batch_size, shuffle, collate, generator=None) -> DataLoader:
+    def _loader(
+        self, dataset, batch_size, shuffle, collate, generator=None, sampler=None, cls=DataLoader
+    ) -> DataLoader:
         if self.processor is None:
-            raise RuntimeError("StampDataModule.processor is not set; the entry point passes the model's processor")
-        return DataLoader(
+            raise RuntimeError(
+                "StampDataModule.processor is not set; the entry point passes the model's processor"
+            )
+        return cls(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             generator=generator,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         if self.train_set is None:
             raise ValueError("no training dataset configured (data.train)")
         dataset = SkipBadSamples(self.train_set) if self.skip_bad else self.train_set
-        generator = torch.Generator().manual_seed(int(self.seed)) if self.shuffle and self.seed is not None else None
-        return self._loader(dataset, self.batch_size, self.shuffle, StampCollator(self.processor, "train"), generator)
+        # The order is a function of (seed, epoch) and the loader's position is saved in
+        # checkpoints, so a resumed run reads exactly the samples an uninterrupted one would.
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(self.seed) if self.seed is not None else torch.initial_seed()
+        sampler = ResumableSampler(dataset, shuffle=self.shuffle, seed=seed, num_replicas=world, rank=rank)
+        collate = StampCollator(self.processor, "train")
+        return self._loader(
+            dataset, self.batch_size, False, collate, sampler=sampler, cls=ResumableDataLoader
+        )
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        # Under several processes, each sample goes to exactly one rank (Lightning's default
+        # sampler would pad with repeats, and the summed metrics would count them twice).
+        trainer = getattr(self, "trainer", None)
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+        # its own generator: iterating must not draw from the global one that training uses
+        collate = StampCollator(self.processor, "generate")
+        return self._loader(
+            dataset, self.eval_batch_size, False, collate, generator=torch.Generator(), sampler=sampler
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []  # no validation (e.g. dialogue-only data)
-        return self._loader(self.val_set, self.eval_batch_size, False, StampCollator(self.processor, "generate"))
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_set is None:
             raise ValueError("no test dataset configured (data.test)")
-        return self._loader(self.test_set, self.eval_batch_size, False, StampCollator(self.processor, "generate"))
+        return self._eval_loader(self.test_set)

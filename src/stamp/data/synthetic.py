@@ -107,7 +107,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, s: Shape, fill) -> None:
         draw.polygon(poly, fill=fill)
 
 
-def render(shapes: list[Shape], size: int, background: tuple[int, int, int]) -> tuple[Image.Image, list[np.ndarray]]:
+def render(
+    shapes: list[Shape], size: int, background: tuple[int, int, int]
+) -> tuple[Image.Image, list[np.ndarray]]:
     """Draw the scene; return the RGB image and one boolean mask per shape."""
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)
@@ -291,8 +293,11 @@ class SyntheticScenes:
         margin, among the shapes that fit <base> (its kind, its colour, or any shape)."""
         t = shapes[idx]
         found = []
-        for base, match in ((t.kind, lambda s: s.kind == t.kind), (f"{t.colour} shape", lambda s: s.colour == t.colour),
-                            ("shape", lambda s: True)):
+        for base, match in (
+            (t.kind, lambda s: s.kind == t.kind),
+            (f"{t.colour} shape", lambda s: s.colour == t.colour),
+            ("shape", lambda s: True),
+        ):
             group = [s for s in shapes if match(s)]
             if len(group) < 2:
                 continue
@@ -330,7 +335,12 @@ class SyntheticScenes:
             return None
         i, j = (int(v) for v in rng.choice(len(shapes), size=2, replace=False))
         a, b = shapes[i].name, shapes[j].name
-        return str(rng.choice(PAIR_QUESTIONS)).format(a=a, b=b), ANSWER_PAIR.format(a=a, b=b), [[i], [j]], None
+        return (
+            str(rng.choice(PAIR_QUESTIONS)).format(a=a, b=b),
+            ANSWER_PAIR.format(a=a, b=b),
+            [[i], [j]],
+            None,
+        )
 
     def _vqa(self, rng, shapes):
         kinds_unique = [s for s in shapes if sum(o.kind == s.kind for o in shapes) == 1]

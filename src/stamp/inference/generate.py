@@ -148,12 +148,22 @@ def generate_with_masks(
     starts = answer_starts(state.ids, header) if teacher_forcing else [P] * state.ids.shape[0]
     if not teacher_forcing:
         decode(model, state, max_new_tokens, stop, tokenizer.pad_token_id)
-    segs = [sg for sg in model.find_segs(state.ids, state.valid, batch.get("image_grid_thw")) if sg.pos >= starts[sg.row]]
+    segs = [
+        sg
+        for sg in model.find_segs(state.ids, state.valid, batch.get("image_grid_thw"))
+        if sg.pos >= starts[sg.row]
+    ]
     logits = mask_forward(model, segs, state.features, state.positions, state.valid, state.cache)
 
     outputs = []
     for b in range(state.ids.shape[0]):
-        answer = [t for t, v in zip(state.ids[b, starts[b]:].tolist(), state.valid[b, starts[b]:].tolist(), strict=True) if v]
+        answer = [
+            t
+            for t, v in zip(
+                state.ids[b, starts[b] :].tolist(), state.valid[b, starts[b] :].tolist(), strict=True
+            )
+            if v
+        ]
         cut = next((i for i, t in enumerate(answer) if t in stop), len(answer))
         text = tokenizer.decode(answer[:cut], skip_special_tokens=False)
         outputs.append(RowOutput(text.strip(), answer[:cut]))

@@ -41,7 +41,9 @@ def mask_prompt(mask: np.ndarray, size: int, eps: float = 1e-4) -> np.ndarray:
     return out[None].numpy()
 
 
-def sample_points(mask: np.ndarray, n_pos: int, n_neg: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_points(
+    mask: np.ndarray, n_pos: int, n_neg: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``n_pos`` pixels inside and ``n_neg`` outside the mask, as (x, y), with labels."""
     inside, outside = np.argwhere(mask), np.argwhere(~mask)
     picks, labels = [], []
@@ -66,12 +68,22 @@ class SamRefiner:
         eps: clipping of the 0/1 mask before the inverse sigmoid.
     """
 
-    def __init__(self, predictor, points: int = 10, iterations: int = 3, seed: int = 0, eps: float = 1e-4) -> None:
-        self.predictor, self.points, self.iterations, self.seed, self.eps = predictor, points, iterations, seed, eps
+    def __init__(
+        self, predictor, points: int = 10, iterations: int = 3, seed: int = 0, eps: float = 1e-4
+    ) -> None:
+        self.predictor, self.points, self.iterations, self.seed, self.eps = (
+            predictor,
+            points,
+            iterations,
+            seed,
+            eps,
+        )
         self._image_key: int | None = None
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, model_type: str = "vit_h", device: str = "cpu", **kwargs) -> SamRefiner:
+    def from_checkpoint(
+        cls, checkpoint: str, model_type: str = "vit_h", device: str = "cpu", **kwargs
+    ) -> SamRefiner:
         from segment_anything import SamPredictor, sam_model_registry
 
         if model_type not in MODEL_TYPES:

@@ -1,9 +1,9 @@
 """The library API: chat about an image and get a mask for every ``<|seg|>`` in the answer.
 
-    from stamp.inference import Segmenter
-    seg = Segmenter.from_pretrained("logs/demo/runs/<run>/model")
-    result = seg.segment("photo.jpg", "Please segment the red circle.")
-    result.text, result.masks[0], result.cell_logits[0]
+from stamp.inference import Segmenter
+seg = Segmenter.from_pretrained("logs/demo/runs/<run>/model")
+result = seg.segment("photo.jpg", "Please segment the red circle.")
+result.text, result.masks[0], result.cell_logits[0]
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ class SegmentationResult:
 
 def chat_messages(question: str, answer: str | None, history: Sequence[Turn] | None) -> list[dict[str, str]]:
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("the query is empty; ask a question or give an instruction such as 'segment the dog'")
+        raise ValueError(
+            "the query is empty; ask a question or give an instruction such as 'segment the dog'"
+        )
     messages = []
     for q, a in history or []:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -75,8 +77,15 @@ class Segmenter:
         return next(self.model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: str | None = None,
-                        max_new_tokens: int = 64, sam: dict[str, Any] | None = None, **overrides) -> Segmenter:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_new_tokens: int = 64,
+        sam: dict[str, Any] | None = None,
+        **overrides,
+    ) -> Segmenter:
         """Load a STAMP checkpoint directory (ours or a released one).
 
         ``overrides`` are model settings such as ``mask_positions`` or ``attn_implementation``;
@@ -97,8 +106,13 @@ class Segmenter:
             refiner = SamRefiner.from_checkpoint(device=device, **sam)
         return cls(model, processor, max_new_tokens=max_new_tokens, refiner=refiner)
 
-    def segment(self, image: ImageLike, question: str, answer: str | None = None,
-                history: Sequence[Turn] | None = None) -> SegmentationResult:
+    def segment(
+        self,
+        image: ImageLike,
+        question: str,
+        answer: str | None = None,
+        history: Sequence[Turn] | None = None,
+    ) -> SegmentationResult:
         """Answer ``question`` about ``image`` (after the earlier ``history`` turns).
 
         With ``answer`` the reply is not generated but taken as given (teacher forcing), so the
@@ -107,15 +121,21 @@ class Segmenter:
         return self.segment_batch([image], [question], [answer], [history])[0]
 
     @torch.no_grad()
-    def segment_batch(self, images: Sequence[ImageLike], questions: Sequence[str],
-                      answers: Sequence[str | None] | None = None,
-                      histories: Sequence[Sequence[Turn] | None] | None = None) -> list[SegmentationResult]:
+    def segment_batch(
+        self,
+        images: Sequence[ImageLike],
+        questions: Sequence[str],
+        answers: Sequence[str | None] | None = None,
+        histories: Sequence[Sequence[Turn] | None] | None = None,
+    ) -> list[SegmentationResult]:
         """Several questions (each about its own image) answered in one batch."""
         n = len(images)
         answers = list(answers) if answers is not None else [None] * n
         histories = list(histories) if histories is not None else [None] * n
         if not (len(questions) == len(answers) == len(histories) == n):
-            raise ValueError(f"{n} images but {len(questions)} questions, {len(answers)} answers, {len(histories)} histories")
+            raise ValueError(
+                f"{n} images but {len(questions)} questions, {len(answers)} answers, {len(histories)} histories"
+            )
         forced = [a is not None for a in answers]
         if any(forced) and not all(forced):
             raise ValueError("give an answer for every question in a batch, or for none")
@@ -126,17 +146,22 @@ class Segmenter:
             n_seg = sum(m["content"].count(SEG_TOKEN) for m in messages if m["role"] == "assistant")
             # placeholders: the masks of earlier (or given) answers are not scored here
             placeholder = [np.zeros((im.height, im.width), dtype=bool)] * n_seg
-            samples.append(Sample(image=im, messages=messages, masks=placeholder, id=f"query-{i}", kind="query"))
+            samples.append(
+                Sample(image=im, messages=messages, masks=placeholder, id=f"query-{i}", kind="query")
+            )
         collate = StampCollator(self.processor, "generate", teacher_forcing=all(forced))
         batch = collate(samples)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        rows = generate_with_masks(self.model, batch, self.processor.tokenizer, self.max_new_tokens,
-                                   teacher_forcing=all(forced))
+        rows = generate_with_masks(
+            self.model, batch, self.processor.tokenizer, self.max_new_tokens, teacher_forcing=all(forced)
+        )
         results = []
         for im, row in zip(pil, rows, strict=True):
             coarse = [upsample(lg.cpu() > 0, (im.height, im.width)).numpy() for lg in row.cell_logits]
             masks, refined = coarse, False
             if self.refiner is not None and coarse:
                 masks, refined = self.refiner.refine(im, coarse), True
-            results.append(SegmentationResult(row.text, masks, [lg.cpu() for lg in row.cell_logits], coarse, refined))
+            results.append(
+                SegmentationResult(row.text, masks, [lg.cpu() for lg in row.cell_logits], coarse, refined)
+            )
         return results

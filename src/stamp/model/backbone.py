@@ -25,7 +25,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def check_source(name_or_path: str) -> None:
     """Fail early, with a clear message, on a local path that is not a checkpoint directory."""
     p = Path(name_or_path).expanduser()
-    looks_local = p.is_absolute() or name_or_path.startswith((".", "~")) or p.exists() or name_or_path.count("/") > 1
+    looks_local = (
+        p.is_absolute() or name_or_path.startswith((".", "~")) or p.exists() or name_or_path.count("/") > 1
+    )
     if not looks_local:
         return  # a hub id such as Qwen/Qwen2-VL-2B-Instruct
     if not p.exists():
@@ -35,7 +37,9 @@ def check_source(name_or_path: str) -> None:
             f"with config.json, or a hub id such as 'Qwen/Qwen2-VL-2B-Instruct'{hint}"
         )
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model path {name_or_path!r} has no config.json; it is not a checkpoint directory")
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} has no config.json; it is not a checkpoint directory"
+        )
 
 
 def attn_kwargs(attn_implementation: str, vision_attn_implementation: str | None) -> dict[str, Any]:
@@ -49,7 +53,12 @@ def attn_kwargs(attn_implementation: str, vision_attn_implementation: str | None
         )
     if vision_attn_implementation in (None, attn_implementation):
         return {"attn_implementation": attn_implementation}
-    return {"attn_implementation": {"text_config": attn_implementation, "vision_config": vision_attn_implementation}}
+    return {
+        "attn_implementation": {
+            "text_config": attn_implementation,
+            "vision_config": vision_attn_implementation,
+        }
+    }
 
 
 def load_backbone(
@@ -66,7 +75,9 @@ def load_backbone(
     try:
         processor = AutoProcessor.from_pretrained(name_or_path, **proc_kwargs)
         model = Qwen2VLForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=parse_dtype(dtype), **attn_kwargs(attn_implementation, vision_attn_implementation)
+            name_or_path,
+            dtype=parse_dtype(dtype),
+            **attn_kwargs(attn_implementation, vision_attn_implementation),
         )
     except OSError as e:
         if os.environ.get("HF_HUB_OFFLINE") or not Path(name_or_path).exists():

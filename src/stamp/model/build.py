@@ -42,18 +42,31 @@ def apply_lora(backbone, lora: Mapping[str, Any]):
 
 def stamp_from_backbone(backbone, processor, cfg: Mapping[str, Any]) -> StampModel:
     """Apply the tuning choices of ``cfg`` to a loaded backbone and add the STAMP head."""
+    tok = processor.tokenizer
+    return stamp_with_token_ids(
+        backbone, tok.convert_tokens_to_ids(SEG_TOKEN), tok.convert_tokens_to_ids(MASK_TOKEN), cfg
+    )
+
+
+def stamp_with_token_ids(
+    backbone, seg_token_id: int, mask_token_id: int, cfg: Mapping[str, Any]
+) -> StampModel:
+    """``stamp_from_backbone`` given the ``<|seg|>``/``<|mask|>`` ids (no processor needed)."""
     if cfg.get("gradient_checkpointing"):
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.get("lora"):
         backbone = apply_lora(backbone, cfg["lora"])
     if cfg.get("freeze_vision"):
-        vis = backbone.get_base_model().model.visual if hasattr(backbone, "get_base_model") else backbone.model.visual
+        vis = (
+            backbone.get_base_model().model.visual
+            if hasattr(backbone, "get_base_model")
+            else backbone.model.visual
+        )
         vis.requires_grad_(False)
-    tok = processor.tokenizer
     return StampModel(
         backbone,
-        seg_token_id=tok.convert_tokens_to_ids(SEG_TOKEN),
-        mask_token_id=tok.convert_tokens_to_ids(MASK_TOKEN),
+        seg_token_id=seg_token_id,
+        mask_token_id=mask_token_id,
         mask_positions=cfg.get("mask_positions", "sequential"),
         mask_attention=cfg.get("mask_attention", "hybrid"),
         add_patch_features=cfg.get("add_patch_features", True),
@@ -105,7 +118,10 @@ def save_stamp(model: StampModel, processor, out_dir: str | Path) -> Path:
         backbone = copy.deepcopy(backbone).merge_and_unload()
     backbone.save_pretrained(out)
     processor.save_pretrained(out)
-    save_file({f"mask_head.{k}": v.detach().contiguous().cpu() for k, v in model.mask_head.state_dict().items()}, str(out / HEAD_FILE))
+    save_file(
+        {f"mask_head.{k}": v.detach().contiguous().cpu() for k, v in model.mask_head.state_dict().items()},
+        str(out / HEAD_FILE),
+    )
     (out / SETTINGS_FILE).write_text(json.dumps({k: getattr(model, k) for k in SETTINGS}, indent=2) + "\n")
     return out
 

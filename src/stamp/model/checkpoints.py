@@ -45,7 +45,11 @@ def find_tensors(files: list[Path], suffixes: tuple[str, ...]) -> dict[str, torc
 def released_head(files: list[Path]) -> dict[str, torch.Tensor] | None:
     """``classifier.weight``/``classifier.bias`` (also under peft prefixes), as mask-head tensors."""
     found = find_tensors(files, ("classifier.weight", "classifier.bias"))
-    found.update(find_tensors(files, ("classifier.modules_to_save.default.weight", "classifier.modules_to_save.default.bias")))
+    found.update(
+        find_tensors(
+            files, ("classifier.modules_to_save.default.weight", "classifier.modules_to_save.default.bias")
+        )
+    )
     weight = found.get("classifier.weight", found.get("classifier.modules_to_save.default.weight"))
     bias = found.get("classifier.bias", found.get("classifier.modules_to_save.default.bias"))
     if weight is None or bias is None:
@@ -56,8 +60,10 @@ def released_head(files: list[Path]) -> dict[str, torch.Tensor] | None:
 def _set_head(model: StampModel, state: dict[str, torch.Tensor], where: Path) -> None:
     head = model.mask_head
     if state["mask_head.weight"].shape != head.weight.shape:
-        raise ValueError(f"{where}: mask head weight {tuple(state['mask_head.weight'].shape)} does not fit "
-                         f"hidden size {head.weight.shape[1]}")
+        raise ValueError(
+            f"{where}: mask head weight {tuple(state['mask_head.weight'].shape)} does not fit "
+            f"hidden size {head.weight.shape[1]}"
+        )
     with torch.no_grad():
         head.weight.copy_(state["mask_head.weight"].to(head.weight))
         head.bias.copy_(state["mask_head.bias"].to(head.bias))
@@ -68,11 +74,11 @@ def modern_key(key: str, prefix: str = "base_model.model.") -> str:
     (``model.layers`` -> ``model.language_model.layers``, ``visual`` -> ``model.visual``)."""
     if not key.startswith(prefix):
         return key
-    rest = key[len(prefix):]
+    rest = key[len(prefix) :]
     if rest.startswith("visual."):
         rest = "model." + rest
     elif rest.startswith("model.") and not rest.startswith(("model.language_model.", "model.visual.")):
-        rest = "model.language_model." + rest[len("model."):]
+        rest = "model.language_model." + rest[len("model.") :]
     return prefix + rest
 
 
@@ -83,7 +89,9 @@ def no_head_error(path: Path) -> ValueError:
     )
 
 
-def load_stamp(path: str | Path, dtype: str = "float32", base_model: str | None = None, **overrides: Any) -> tuple[StampModel, Any]:
+def load_stamp(
+    path: str | Path, dtype: str = "float32", base_model: str | None = None, **overrides: Any
+) -> tuple[StampModel, Any]:
     """Load any supported STAMP checkpoint directory; ``overrides`` change model settings."""
     path = Path(path).expanduser()
     if (path / "adapter_config.json").is_file():
@@ -92,8 +100,12 @@ def load_stamp(path: str | Path, dtype: str = "float32", base_model: str | None 
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     check_source(str(path))
     settings = {**(read_settings(path) or RELEASED_SETTINGS), **overrides}
-    backbone, processor = load_backbone(str(path), dtype=dtype, attn_implementation=settings.pop("attn_implementation", "sdpa"),
-                                        vision_attn_implementation=settings.pop("vision_attn_implementation", None))
+    backbone, processor = load_backbone(
+        str(path),
+        dtype=dtype,
+        attn_implementation=settings.pop("attn_implementation", "sdpa"),
+        vision_attn_implementation=settings.pop("vision_attn_implementation", None),
+    )
     model = stamp_from_backbone(backbone, processor, settings)
     if (path / HEAD_FILE).is_file():
         load_head(model, path / HEAD_FILE)
@@ -120,7 +132,9 @@ def _load_lora(path: Path, dtype: str, base_model: str | None, overrides: dict) 
     if head is None:
         raise no_head_error(path)
     settings = {**RELEASED_SETTINGS, **overrides}
-    backbone, processor = load_backbone(base, dtype=dtype, attn_implementation=settings.pop("attn_implementation", "sdpa"))
+    backbone, processor = load_backbone(
+        base, dtype=dtype, attn_implementation=settings.pop("attn_implementation", "sdpa")
+    )
     # the adapter directory carries the tokenizer with STAMP's tokens, when it was saved with one
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoProcessor

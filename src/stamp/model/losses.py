@@ -13,10 +13,14 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1)
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 0.3, dice_weight: float = 0.7) -> torch.Tensor:
+def seg_loss(
+    logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 0.3, dice_weight: float = 0.7
+) -> torch.Tensor:
     """Weighted BCE (mean over cells) + Dice for one mask; ``logits`` and ``target`` are (h, w)."""
     if logits.shape != target.shape:
-        raise ValueError(f"mask logits {tuple(logits.shape)} and ground truth {tuple(target.shape)} differ in shape")
+        raise ValueError(
+            f"mask logits {tuple(logits.shape)} and ground truth {tuple(target.shape)} differ in shape"
+        )
     target = target.to(logits.dtype)
     bce = F.binary_cross_entropy_with_logits(logits, target)
     return bce_weight * bce + dice_weight * dice_loss(logits, target)

@@ -59,7 +59,9 @@ def to_attention_bias(mask: torch.Tensor, implementation: str, dtype: torch.dtyp
     if implementation == "sdpa":
         return mask
     if implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
     raise ValueError(
         f"attention implementation {implementation!r} cannot apply STAMP's 4-D mask; use 'sdpa' or 'eager'"
     )

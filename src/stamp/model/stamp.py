@@ -119,7 +119,9 @@ class StampModel(nn.Module):
     def language_model(self) -> nn.Module:
         return self.qwen.model.language_model
 
-    def encode_images(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> list[torch.Tensor]:
+    def encode_images(
+        self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
+    ) -> list[torch.Tensor]:
         """Vision encoder + merger: one (N_i, D) tensor of merged features per image."""
         if pixel_values is None:
             return []
@@ -157,7 +159,9 @@ class StampModel(nn.Module):
             return mask_emb.expand(features.shape[0], -1)
         return mask_emb + features.to(mask_emb.dtype)
 
-    def find_segs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw, start: int = 0) -> list[Seg]:
+    def find_segs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw, start: int = 0
+    ) -> list[Seg]:
         """Every ``<|seg|>`` at or after column ``start``, in (row, position) order."""
         segs = []
         if image_grid_thw is None:
@@ -208,7 +212,9 @@ class StampModel(nn.Module):
             hidden, mask_logits = self.two_pass(batch)
         return self.losses(hidden, batch, mask_logits, return_lm_logits)
 
-    def blocks(self, segs: list[Seg], features: list[torch.Tensor], positions: torch.Tensor, batch_size: int) -> Blocks:
+    def blocks(
+        self, segs: list[Seg], features: list[torch.Tensor], positions: torch.Tensor, batch_size: int
+    ) -> Blocks:
         """Lay out the mask blocks of ``segs`` row by row; ``positions`` are the text's (3, B, L)."""
         starts, fill = [], [0] * batch_size
         for sg in segs:
@@ -223,12 +229,16 @@ class StampModel(nn.Module):
         for k, (sg, a) in enumerate(zip(segs, starts, strict=True)):
             n = sg.grid_hw[0] * sg.grid_hw[1]
             embeds[sg.row, a : a + n] = self.block_embeddings(features[sg.image]).to(embeds.dtype)
-            pos[:, sg.row, a : a + n] = block_positions(positions[:, sg.row, sg.pos], sg.grid_hw, self.mask_positions)
+            pos[:, sg.row, a : a + n] = block_positions(
+                positions[:, sg.row, sg.pos], sg.grid_hw, self.mask_positions
+            )
             group[sg.row, a : a + n] = k
             limit[sg.row, a : a + n] = sg.pos
         return Blocks(embeds, pos, group, limit, starts)
 
-    def read_masks(self, hidden: torch.Tensor, segs: list[Seg], starts: list[int], offset: int = 0) -> list[torch.Tensor]:
+    def read_masks(
+        self, hidden: torch.Tensor, segs: list[Seg], starts: list[int], offset: int = 0
+    ) -> list[torch.Tensor]:
         """Mask-head logits, one (h, w) map per seg, from the hidden states of its block."""
         out = []
         for sg, a in zip(segs, starts, strict=True):
@@ -237,7 +247,9 @@ class StampModel(nn.Module):
             out.append(self.mask_head(block).squeeze(-1).float().view(h, w))
         return out
 
-    def fused_pass(self, batch: dict, segs: list[Seg] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def fused_pass(
+        self, batch: dict, segs: list[Seg] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One vision pass and one language pass; mask blocks appended after the text.
 
         Returns the text hidden states (B, L, D) and one (h, w) logit map per ``<|seg|>``.
@@ -295,7 +307,9 @@ class StampModel(nn.Module):
         loss_lm = F.cross_entropy(logits, target[keep]) if keep.any() else logits.sum() * 0.0
         targets = batch.get("seg_targets", [])
         if len(targets) != len(mask_logits):
-            raise ValueError(f"{len(mask_logits)} <|seg|> tokens in the batch but {len(targets)} ground-truth masks")
+            raise ValueError(
+                f"{len(mask_logits)} <|seg|> tokens in the batch but {len(targets)} ground-truth masks"
+            )
         if mask_logits:
             loss_seg = torch.stack(
                 [

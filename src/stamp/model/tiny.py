@@ -79,12 +79,22 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> Qwen2Tokenizer:
         pad_token="<|endoftext|>",
         unk_token=None,
     )
-    tokenizer.add_special_tokens({"extra_special_tokens": SPECIAL_TOKENS[1:]}, replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": SPECIAL_TOKENS[1:]}, replace_extra_special_tokens=False
+    )
     return tokenizer
 
 
-def tiny_config(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                vision_dim: int = 128, vision_layers: int = 2, vision_heads: int = 4) -> Qwen2VLConfig:
+def tiny_config(
+    tokenizer,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_dim: int = 128,
+    vision_layers: int = 2,
+    vision_heads: int = 4,
+) -> Qwen2VLConfig:
     """A few-million-parameter Qwen2-VL with the special-token ids of ``tokenizer``."""
     ids = tokenizer.convert_tokens_to_ids
     head_dim = hidden // heads
@@ -119,8 +129,14 @@ def tiny_config(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, k
     )
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, min_pixels: int = 16 * 28 * 28, max_pixels: int = 256 * 28 * 28,
-              vocab_size: int = 512, **arch) -> Path:
+def make_tiny(
+    out_dir: str | Path,
+    seed: int = 0,
+    min_pixels: int = 16 * 28 * 28,
+    max_pixels: int = 256 * 28 * 28,
+    vocab_size: int = 512,
+    **arch,
+) -> Path:
     """Build and save the tiny checkpoint directory; return its path."""
     out = Path(out_dir)
     tokenizer = train_tokenizer(corpus(seed=seed), vocab_size=vocab_size)

@@ -1,15 +1,25 @@
-"""Callbacks: validation scoring with torchmetrics, prediction overlays, a metrics file."""
+"""Callbacks: validation scoring with torchmetrics, prediction overlays (files, W&B), a metrics file."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from stamp.evaluation import StampScorer, predicted_cells, upsample
+from stamp.inference.generate import strip_seg
 from stamp.utils.overlay import overlay_grid
+
+# The scores are torchmetrics states summed over the processes before they are logged
+# (sync_dist=False on purpose); Lightning's advice to sync them again does not apply.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self.log\('(val|test)/", category=PossibleUserWarning
+)
 
 
 class SegmentationScoring(L.Callback):
@@ -35,12 +45,17 @@ class SegmentationScoring(L.Callback):
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         samples, grids = batch["samples"], batch["grid_hw"]
         self.scorer.update(samples, outputs["rows"], grids)
         for s, row, g in zip(samples, outputs["rows"], grids, strict=True):
             if len(self.kept) < self.examples and s.masks:
-                preds = [upsample(predicted_cells(row, k, g), s.masks[k].shape).numpy() for k in range(len(s.masks))]
+                preds = [
+                    upsample(predicted_cells(row, k, g), s.masks[k].shape).numpy()
+                    for k in range(len(s.masks))
+                ]
                 self.kept.append((s, row.text, preds))
 
     on_test_batch_end = on_validation_batch_end
@@ -68,11 +83,60 @@ class OverlayWriter(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         self.count += 1
-        scoring = next((c for c in trainer.callbacks if isinstance(c, SegmentationScoring)), None)
-        if scoring is None or not scoring.kept or self.count % self.every:
+        kept = kept_examples(trainer)
+        if not kept or self.count % self.every:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        overlay_grid(scoring.kept).save(self.out_dir / "overlays.png")
+        overlay_grid(kept).save(self.out_dir / "overlays.png")
+
+
+def kept_examples(trainer) -> list[tuple]:
+    """The (sample, answer, predicted masks) triples ``SegmentationScoring`` kept in this validation."""
+    scoring = next((c for c in trainer.callbacks if isinstance(c, SegmentationScoring)), None)
+    return scoring.kept if scoring is not None else []
+
+
+class WandbOverlays(L.Callback):
+    """Every ``every_n_val`` validations, logs ``val/overlays`` to W&B: each kept example's image
+    with its predicted and ground-truth masks as W&B mask layers (``prediction``,
+    ``ground_truth``; mask k of a sample is class k + 1). Does nothing without a ``WandbLogger``.
+    """
+
+    def __init__(self, every_n_val: int = 1, key: str = "val/overlays") -> None:
+        if every_n_val < 1:
+            raise ValueError(f"callbacks.wandb_overlays.every_n_val must be >= 1, got {every_n_val}")
+        self.every, self.key = every_n_val, key
+        self.count = 0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if wandb_logger is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self.count += 1
+        kept = kept_examples(trainer)
+        if not kept or self.count % self.every:
+            return
+        images, masks, captions = [], [], []
+        for sample, answer, preds in kept:
+            shape, n = sample.masks[0].shape, max(len(sample.masks), len(preds))
+            labels = {0: "background", **{k + 1: f"target {k + 1}" for k in range(n)}}
+            layers = {"prediction": preds, "ground_truth": sample.masks}
+            images.append(sample.image.convert("RGB"))
+            masks.append(
+                {k: {"mask_data": label_map(m, shape), "class_labels": labels} for k, m in layers.items()}
+            )
+            captions.append(f"{sample.prompt[-1]['content']} -> {strip_seg(answer)}")
+        wandb_logger.log_image(self.key, images, step=trainer.global_step, masks=masks, caption=captions)
+
+
+def label_map(masks: list, shape: tuple[int, int]) -> np.ndarray:
+    """One uint8 image of ``masks``: 0 = background, k + 1 where mask k is set (later masks on top)."""
+    out = np.zeros(shape, dtype=np.uint8)
+    for k, m in enumerate(masks):
+        out[np.asarray(m, dtype=bool)] = k + 1
+    return out
 
 
 class MetricsFile(L.Callback):

@@ -20,10 +20,10 @@ def _plain(cfg: Any) -> Any:
 
 class StampLitModule(L.LightningModule):
     """Args:
-        model: the model config (``conf/model/*.yaml``), see ``stamp.model.build.build_stamp``.
-        optimizer: a ``_target_`` config of a torch optimizer (``params`` are filled in here).
-        scheduler: ``warmup_ratio`` (or ``warmup_steps``) of a linear warm-up, then linear decay to 0.
-        generation: ``max_new_tokens`` for validation's generated answers.
+    model: the model config (``conf/model/*.yaml``), see ``stamp.model.build.build_stamp``.
+    optimizer: a ``_target_`` config of a torch optimizer (``params`` are filled in here).
+    scheduler: ``warmup_ratio`` (or ``warmup_steps``) of a linear warm-up, then linear decay to 0.
+    generation: ``max_new_tokens`` for validation's generated answers.
     """
 
     def __init__(
@@ -35,8 +35,12 @@ class StampLitModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            {"model": _plain(model), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
-             "generation": _plain(generation)}
+            {
+                "model": _plain(model),
+                "optimizer": _plain(optimizer),
+                "scheduler": _plain(scheduler),
+                "generation": _plain(generation),
+            }
         )
         self.net, self.processor = build_stamp(self.hparams.model)
         self.net.train()  # from_pretrained leaves the backbone in eval mode (dropout off)
