@@ -26,6 +26,13 @@ def cli(
     )
 
 
+def _kinds(split_cfg) -> list[str]:
+    from hydra.utils import instantiate
+
+    ds = instantiate(split_cfg)
+    return [ds[i].kind for i in range(len(ds))]
+
+
 def test_eval_writes_results(compose_cfg, stamp_ckpt, tmp_path):
     from stamp.cli.eval import run
 
@@ -46,6 +53,8 @@ def test_eval_writes_results(compose_cfg, stamp_ckpt, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["splits"]) == {"val", "test"} and saved["splits"] == results
     assert {"giou", "ciou", "n_acc", "t_acc", "ciou_cell", "ciou_oracle"} <= set(results["val"])
+    if not any(ds_kind == "none" for ds_kind in _kinds(cfg.data.test)):  # N-acc only where it is defined
+        assert "n_acc" not in results["test"]
     table = (out / "results.md").read_text()
     assert table.startswith("| split | giou | ciou |") and "| val |" in table and "| test |" in table
     assert len(list((out / "masks" / "val").glob("*.png"))) == int(results["val"]["expressions"])

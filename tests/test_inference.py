@@ -142,7 +142,8 @@ def test_mask_prompt_resizes_longest_side_and_pads():
     logit = np.log((1 - 1e-4) / 1e-4)
     assert np.allclose(p[0, :30, :28], logit, atol=1e-3)  # inside: +logit
     assert np.allclose(p[0, :30, 36:], -logit, atol=1e-3)  # outside: -logit
-    assert np.all(p[0, 30:] == 0)  # the padded rows below the 64x32 resized mask
+    assert np.all(p[0, 32:] == 0)  # the padded rows below the 64x32 resized mask
+    assert np.all(p[0, :32, :28] > 0)  # every row of the resized mask is kept
 
 
 def test_points_fall_inside_and_outside():

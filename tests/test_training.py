@@ -19,7 +19,7 @@ def test_tiny_overfits_eight_samples(make_model):
     ds = SyntheticScenes("train", size=100, kind_weights={"refer": 1.0})
     batch = StampCollator(processor)([ds[i] for i in range(8)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(400):  # ~300 steps reach 0.9-0.95 depending on the init, 400 reach 1.0
         out = model(batch)
         opt.zero_grad()
         out.loss.backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ def evaluate_split(
     if refiner is not None:
         r = refined.compute()
         results.update(giou_sam=float(r["giou"]), ciou_sam=float(r["ciou"]))
-    return results
+    # a rate with nothing to count (e.g. N-acc on a split without no-target expressions) is left out
+    return {k: v for k, v in results.items() if not math.isnan(v)}
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
