@@ -2,8 +2,8 @@
 
 For an image of N cells (N = 64, 256, 1024) and an answer holding K ``<|seg|>``:
 
-* ours      - ONE forward over the K mask blocks against the KV cache of the answer (the image
-              features are reused, nothing else is recomputed);
+* ours      - ONE forward over the K mask blocks (one batch row each) against the KV cache of
+              the answer (the image features are reused, nothing else is recomputed);
 * released  - per ``<|seg|>``, a full forward over the sequence cut after it plus its block,
               re-encoding the image (the original project's inference);
 * AR cells  - N single-token decode steps with the KV cache (one label per cell, the
@@ -66,11 +66,8 @@ def setup(cells: int, targets: int, device: str, backbone: str | None, dtype: st
 def ours(model, state, segs):
     from stamp.inference.generate import mask_forward
 
-    C = state.cached
-    with torch.no_grad():
-        out = mask_forward(model, segs, state.features, state.positions, state.valid, state.cache)
-    state.cache.crop(-(state.cache.get_seq_length() - C))
-    return out
+    with torch.no_grad():  # reads the cache, leaves it as it is
+        return mask_forward(model, segs, state.features, state.positions, state.valid, state.cache)
 
 
 def released(model, batch, segs):

@@ -11,7 +11,7 @@ benchmarks can time them; ``generate_with_masks`` runs them in order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -112,10 +112,28 @@ def decode(model: StampModel, state: State, max_new_tokens: int, stop_ids: set[i
     return state
 
 
+def rows_of_cache(cache: DynamicCache, rows: torch.Tensor, config) -> DynamicCache:
+    """A new cache whose row i is row ``rows[i]`` of ``cache`` (the original is left as it is)."""
+    out = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
+    return out
+
+
 def mask_forward(model: StampModel, segs: list[Seg], features, positions, valid, cache) -> list[torch.Tensor]:
-    """One forward over the mask blocks of all ``segs`` against a cache of ``valid.shape[1]`` tokens."""
+    """One forward over the mask blocks of all ``segs`` against a cache of ``valid.shape[1]`` tokens.
+
+    Each block gets a batch row of its own, over a copy of its row of the cache: the blocks of
+    one answer never attend to each other, so laying them side by side in one sequence would
+    only grow the attention as (K x N)^2 for K blocks of N cells; one row per block keeps the
+    cost linear in K. The given cache is not extended.
+    """
     if not segs:
         return []
+    rows = torch.tensor([sg.row for sg in segs], device=valid.device)
+    cache = rows_of_cache(cache, rows, model.qwen.config.text_config)
+    valid, positions = valid[rows], positions[:, rows]
+    segs = [replace(sg, row=i) for i, sg in enumerate(segs)]
     B, C = valid.shape
     blk = model.blocks(segs, features, positions, B)
     Q = blk.group.shape[1]
