@@ -318,7 +318,14 @@ class SyntheticScenes:
         return str(rng.choice(MULTI_QUESTIONS)).format(d=d, s=s), ANSWER_MANY.format(d=d), [g], None
 
     def _none(self, rng, shapes):
-        d = self._absent(rng, shapes)
+        # The same forms as the referring expressions, so that the words alone never tell that
+        # the target is missing: an absent colour, an absent kind, or an absent combination.
+        colours = [c for c in COLOURS if all(s.colour != c for s in shapes)]
+        kinds = [k for k in SHAPES if all(s.kind != k for s in shapes)]
+        options = [self._absent(rng, shapes), f"{rng.choice(colours)} shape"]
+        if kinds:
+            options.append(str(rng.choice(kinds)))
+        d = str(rng.choice(options))
         return str(rng.choice(REFER_QUESTIONS)).format(d=d), ANSWER_NONE.format(d=d), [[]], None
 
     @staticmethod
