@@ -27,3 +27,11 @@ def square_sample(
     msgs += extra_turns or []
     n = sum(m["content"].count(SEG_TOKEN) for m in msgs if m["role"] == "assistant")
     return Sample(image=Image.fromarray(img), messages=msgs, masks=[mask] * n, id=sid)
+
+
+QWEN_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def qwen_inputs(batch: dict) -> dict:
+    """The entries of a collated batch that transformers' own Qwen2-VL forward takes."""
+    return {k: batch[k] for k in QWEN_INPUTS}

@@ -14,7 +14,7 @@ from stamp.data.collate import StampCollator
 from stamp.model.build import save_stamp
 from stamp.model.checkpoints import load_stamp
 from stamp.model.tokens import LEGACY_TOKENS, MASK_TOKEN, SEG_TOKEN
-from tests.helpers import square_sample
+from tests.helpers import qwen_inputs, square_sample
 
 
 def _logits(model, processor):
@@ -158,13 +158,7 @@ def test_released_lora_adapter(tiny_dir, tmp_path, legacy_keys):
     batch = StampCollator(processor)([square_sample()])
     with torch.no_grad():
         ours = model(batch, return_lm_logits=True).lm_logits
-        theirs = ref(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            mm_token_type_ids=batch["mm_token_type_ids"],
-        ).logits
+        theirs = ref(**qwen_inputs(batch)).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 

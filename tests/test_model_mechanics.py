@@ -10,7 +10,7 @@ from stamp.data.synthetic import SyntheticScenes
 from stamp.inference.generate import generate_with_masks
 from stamp.model.mask_block import attention_mask, block_positions
 from stamp.model.tokens import SEG_TOKEN
-from tests.helpers import square_sample
+from tests.helpers import qwen_inputs, square_sample
 
 
 def _masks(model, processor, samples):
@@ -154,13 +154,7 @@ def test_no_seg_equals_transformers_forward(tiny):
     out, batch = _masks(model, processor, vqa)
     assert out.mask_logits == []
     with torch.no_grad():
-        ref = model.qwen(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            mm_token_type_ids=batch["mm_token_type_ids"],
-        ).logits
+        ref = model.qwen(**qwen_inputs(batch)).logits
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(out.lm_logits[valid], ref[valid], rtol=0, atol=1e-5)
 

@@ -68,8 +68,9 @@ class StampDataModule(L.LightningDataModule):
                 log.info("data %s: %d samples (%s)", name, len(ds), type(ds).__name__)
 
     def _loader(
-        self, dataset, batch_size, shuffle, collate, generator=None, sampler=None, cls=DataLoader
+        self, dataset, batch_size, collate, generator=None, sampler=None, cls=DataLoader
     ) -> DataLoader:
+        """A loader over ``dataset`` in the order of ``sampler`` (the index order without one)."""
         if self.processor is None:
             raise RuntimeError(
                 "StampDataModule.processor is not set; the entry point passes the model's processor"
@@ -77,7 +78,6 @@ class StampDataModule(L.LightningDataModule):
         return cls(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
@@ -96,9 +96,7 @@ class StampDataModule(L.LightningDataModule):
         seed = int(self.seed) if self.seed is not None else torch.initial_seed()
         sampler = ResumableSampler(dataset, shuffle=self.shuffle, seed=seed, num_replicas=world, rank=rank)
         collate = StampCollator(self.processor, "train")
-        return self._loader(
-            dataset, self.batch_size, False, collate, sampler=sampler, cls=ResumableDataLoader
-        )
+        return self._loader(dataset, self.batch_size, collate, sampler=sampler, cls=ResumableDataLoader)
 
     def _eval_loader(self, dataset) -> DataLoader:
         # Under several processes, each sample goes to exactly one rank (Lightning's default
@@ -110,7 +108,7 @@ class StampDataModule(L.LightningDataModule):
         # its own generator: iterating must not draw from the global one that training uses
         collate = StampCollator(self.processor, "generate")
         return self._loader(
-            dataset, self.eval_batch_size, False, collate, generator=torch.Generator(), sampler=sampler
+            dataset, self.eval_batch_size, collate, generator=torch.Generator(), sampler=sampler
         )
 
     def val_dataloader(self) -> DataLoader | list:
