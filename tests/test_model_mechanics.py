@@ -8,7 +8,7 @@ import torch
 from stamp.data.collate import StampCollator
 from stamp.data.synthetic import SyntheticScenes
 from stamp.inference.generate import generate_with_masks
-from stamp.model.mask_block import attention_mask, block_positions
+from stamp.model.mask_block import attention_mask, block_positions, pack_plan
 from stamp.model.tokens import SEG_TOKEN
 from tests.helpers import qwen_inputs, square_sample
 
@@ -184,6 +184,55 @@ def test_fused_equals_two_pass(make_model, positions):
     torch.testing.assert_close(fused.lm_logits[valid], ref.lm_logits[valid], rtol=0, atol=1e-4)
     for x in ("loss", "loss_lm", "loss_seg"):
         torch.testing.assert_close(getattr(fused, x), getattr(ref, x), rtol=0, atol=1e-4)
+
+
+def test_pack_plan_hand_example():
+    keep = torch.tensor(
+        [
+            [1, 1, 1, 0, 1, 1],  # 5 tokens: the longest row sets the capacity
+            [1, 1, 0, 0, 0, 0],  # 2
+            [1, 1, 1, 0, 0, 0],  # 3: fits beside the 2
+            [1, 0, 0, 0, 1, 0],  # 2: a row of its own (5 is full, 2 + 3 = 5 is full)
+        ],
+        dtype=torch.bool,
+    )
+    src_row, src_col, valid = pack_plan(keep)
+    got = [[(r, c) for r, c, v in zip(rr.tolist(), cc.tolist(), vv.tolist()) if v]
+           for rr, cc, vv in zip(src_row, src_col, valid)]
+    assert got == [
+        [(0, 0), (0, 1), (0, 2), (0, 4), (0, 5)],
+        [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)],
+        [(3, 0), (3, 4)],
+    ]
+
+
+@pytest.mark.parametrize("attention", ["hybrid", "causal"])
+def test_packed_rows_equal_padded_rows(make_model, attention, monkeypatch):
+    """Packing rows together changes nothing but the amount of padding computed."""
+    model, processor = make_model(mask_attention=attention, mask_positions="grid")
+    model.eval()
+    batch = StampCollator(processor)(_mixed_batch(processor))
+    shapes = []
+    real = model.run_language_model
+
+    def spy(embeds, *args, **kwargs):
+        shapes.append(tuple(embeds.shape[:2]))
+        return real(embeds, *args, **kwargs)
+
+    monkeypatch.setattr(model, "run_language_model", spy)
+    with torch.no_grad():
+        model.pack_rows = False
+        padded = model(batch, return_lm_logits=True)
+        model.pack_rows = True
+        packed = model(batch, return_lm_logits=True)
+    (b, t), (r, c) = shapes
+    assert r < b and r * c < b * t, f"nothing was packed: {shapes}"
+    for a, p in zip(padded.mask_logits, packed.mask_logits, strict=True):
+        torch.testing.assert_close(a, p, rtol=0, atol=1e-5)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(padded.lm_logits[valid], packed.lm_logits[valid], rtol=0, atol=1e-5)
+    for x in ("loss", "loss_lm", "loss_seg"):
+        torch.testing.assert_close(getattr(padded, x), getattr(packed, x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["hybrid", "causal"])

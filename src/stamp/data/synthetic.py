@@ -142,6 +142,12 @@ class SyntheticScenes:
             quickest to ground; once the mask block reads them, the harder expressions follow
             (a tiny random-init model otherwise idles for a long while segmenting any shape).
             0 = off.
+        kind_curriculum: a second warm-up phase of this many samples right after the first:
+            half of them name one shape by its kind alone among distinct kinds of one colour,
+            so that the words for shapes are grounded before the full mixture. 0 = off.
+        shared: probabilities that a scene repeats the first shape's colour, or its kind,
+            in the other shapes (the rest draw both freely). Repeated colours make the kind
+            words necessary; repeated kinds the colour words.
     """
 
     def __init__(
@@ -156,6 +162,8 @@ class SyntheticScenes:
         kind_weights: dict[str, float] | None = None,
         turns: tuple[int, int] = (1, 1),
         curriculum: int = 0,
+        kind_curriculum: int = 0,
+        shared: tuple[float, float] = (0.25, 0.25),
     ) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"unknown split {split!r}; valid splits: {sorted(SPLIT_IDS)}")
@@ -171,7 +179,10 @@ class SyntheticScenes:
             raise ValueError(f"need 1 <= min turns <= max turns, got {tuple(turns)}")
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
         self.turns = (int(turns[0]), int(turns[1]))
-        self.curriculum = int(curriculum)
+        self.curriculum, self.kind_curriculum = int(curriculum), int(kind_curriculum)
+        if min(shared) < 0 or sum(shared) > 1:
+            raise ValueError(f"shared={tuple(shared)}: need two probabilities with a sum of at most 1")
+        self.shared = (float(shared[0]), float(shared[1]))
         self.min_shapes, self.max_shapes, self.radius = min_shapes, max_shapes, tuple(radius)
         self.kinds = [k for k in KINDS if weights.get(k, 0) > 0]
         p = np.array([weights[k] for k in self.kinds], dtype=float)
@@ -189,6 +200,8 @@ class SyntheticScenes:
         rng = self.rng(index)
         if index < self.curriculum and rng.random() < 0.75:
             return self.easy(rng, index)
+        if 0 <= index - self.curriculum < self.kind_curriculum and rng.random() < 0.5:
+            return self.easy_kind(rng, index)
         shapes = self.scene(rng)
         n_turns = int(rng.integers(self.turns[0], self.turns[1] + 1))
         texts, groups, kinds, short = [], [], [], None
@@ -238,19 +251,31 @@ class SyntheticScenes:
         question = str(rng.choice(REFER_QUESTIONS)).format(d=d)
         return self.make(rng, shapes, [question, ANSWER_ONE.format(d=d)], [[idx]], "refer", index, None)
 
+    def easy_kind(self, rng: np.random.Generator, index: int) -> Sample:
+        """A curriculum sample: one shape named by its kind alone, every kind distinct and every
+        shape the same colour (so that only the shape tells them apart)."""
+        n = int(rng.integers(max(2, self.min_shapes), min(self.max_shapes, len(SHAPES)) + 1))
+        colour = str(rng.choice(list(COLOURS)))
+        shapes = self.place([(colour, str(k)) for k in rng.choice(SHAPES, n, replace=False)], rng)
+        idx = int(rng.integers(len(shapes)))
+        d = shapes[idx].kind
+        question = str(rng.choice(REFER_QUESTIONS)).format(d=d)
+        return self.make(rng, shapes, [question, ANSWER_ONE.format(d=d)], [[idx]], "refer", index, None)
+
     # -- scenes -------------------------------------------------------------------------------
 
     def scene(self, rng: np.random.Generator) -> list[Shape]:
-        """Non-overlapping shapes with unique (colour, kind). Half of the scenes repeat a colour
-        or a kind, so that one word is often not enough; the rest mostly have distinct colours."""
+        """Non-overlapping shapes with unique (colour, kind). By default half of the scenes repeat
+        a colour or a kind, so that one word is often not enough (``shared``); the rest mostly
+        have distinct colours."""
         n = int(rng.integers(self.min_shapes, self.max_shapes + 1))
         colours, kinds = list(COLOURS), list(SHAPES)
         pairs: list[tuple[str, str]] = []
         share = rng.random()
         while len(pairs) < n:
-            if pairs and share < 0.25:
+            if pairs and share < self.shared[0]:
                 c, k = pairs[0][0], str(rng.choice(kinds))  # same colour, another kind
-            elif pairs and share < 0.5:
+            elif pairs and share < self.shared[0] + self.shared[1]:
                 c, k = str(rng.choice(colours)), pairs[0][1]  # same kind, another colour
             else:
                 c, k = str(rng.choice(colours)), str(rng.choice(kinds))

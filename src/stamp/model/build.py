@@ -73,6 +73,7 @@ def stamp_with_token_ids(
         bce_weight=cfg.get("bce_weight", 0.3),
         dice_weight=cfg.get("dice_weight", 0.7),
         train_forward=cfg.get("train_forward", "fused"),
+        pack_rows=cfg.get("pack_rows", False),
     )
 
 

@@ -84,3 +84,48 @@ def block_positions(seg_position: torch.Tensor, grid_hw: tuple[int, int], mode: 
         ww = torch.arange(w, device=device).repeat(h)
         return torch.stack([torch.zeros_like(hh), hh, ww]) + start
     raise ValueError(f"unknown model.mask_positions {mode!r}; expected one of {POSITION_MODES}")
+
+
+def pack_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack the kept tokens of B rows into fewer rows (first-fit decreasing).
+
+    ``keep`` (B, T) marks each row's real tokens (text without padding, then its mask blocks).
+    A row's tokens stay together and in order; a packed row holds whole rows, as many as fit in
+    the longest one. Returns ``src_row``, ``src_col`` (R, C): where each packed token comes
+    from, and ``valid`` (R, C): False for the packed rows' own padding.
+    """
+    lengths = keep.sum(1).tolist()
+    capacity = max(lengths, default=0)
+    bins: list[list[int]] = []
+    fill: list[int] = []
+    for b in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, used in enumerate(fill):
+            if used + lengths[b] <= capacity:
+                bins[r].append(b)
+                fill[r] += lengths[b]
+                break
+        else:
+            bins.append([b])
+            fill.append(lengths[b])
+    R, C = len(bins), capacity
+    src_row = torch.zeros(R, C, dtype=torch.long, device=keep.device)
+    src_col = torch.zeros(R, C, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(R, C, dtype=torch.bool, device=keep.device)
+    for r, rows in enumerate(bins):
+        cols = [torch.nonzero(keep[b], as_tuple=True)[0] for b in sorted(rows)]
+        n = sum(len(c) for c in cols)
+        src_row[r, :n] = torch.cat([torch.full_like(c, b) for b, c in zip(sorted(rows), cols, strict=True)])
+        src_col[r, :n] = torch.cat(cols)
+        valid[r, :n] = True
+    return src_row, src_col, valid
+
+
+def packed_mask(
+    mask: torch.Tensor, src_row: torch.Tensor, src_col: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """The (R, 1, C, C) mask of packed rows: each token keeps the keys it had in its own row
+    (``mask`` (B, 1, T, T)) and sees nothing of the other rows packed beside it."""
+    same = (src_row[:, :, None] == src_row[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    own = mask[:, 0][src_row[:, :, None], src_col[:, :, None], src_col[:, None, :]]
+    itself = torch.eye(src_row.shape[1], dtype=torch.bool, device=mask.device)[None]
+    return ((own & same) | itself)[:, None]

@@ -23,6 +23,8 @@ from stamp.model.mask_block import (
     attention_mask,
     block_positions,
     causal_only,
+    pack_plan,
+    packed_mask,
     to_attention_bias,
 )
 
@@ -71,6 +73,9 @@ class StampModel(nn.Module):
         add_patch_features: add the patch's vision feature to each mask token's embedding.
         bce_weight, dice_weight: weights of the two terms of the mask loss.
         train_forward: ``fused`` or ``two_pass``.
+        pack_rows: in training passes, pack the batch's rows (text and mask blocks, without
+            padding) into as few rows as fit the longest one: the same results with less
+            padding to compute (see ``run_packed``).
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class StampModel(nn.Module):
         bce_weight: float = 0.3,
         dice_weight: float = 0.7,
         train_forward: str = "fused",
+        pack_rows: bool = False,
     ) -> None:
         super().__init__()
         for name, value, valid in (
@@ -98,7 +104,7 @@ class StampModel(nn.Module):
         self.mask_positions, self.mask_attention = mask_positions, mask_attention
         self.add_patch_features = add_patch_features
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
-        self.train_forward = train_forward
+        self.train_forward, self.pack_rows = train_forward, pack_rows
         cfg = self.qwen.config
         self.image_token_id = cfg.image_token_id
         self.vision_start_id = cfg.vision_start_token_id
@@ -194,6 +200,25 @@ class StampModel(nn.Module):
         )
         return out.last_hidden_state
 
+    def run_packed(self, embeds, positions, mask, keep) -> torch.Tensor:
+        """``run_language_model`` with the rows' kept tokens (``keep`` (B, T)) packed together.
+
+        Each token keeps its positions and the keys it may see, so the hidden states equal the
+        unpacked ones (up to float rounding); they come back in the unpacked (B, T, D) layout,
+        with zeros at the tokens not kept.
+        """
+        src_row, src_col, valid = pack_plan(keep)
+        if src_row.shape[0] == embeds.shape[0]:  # nothing to gain
+            return self.run_language_model(embeds, positions, mask)
+        packed = self.run_language_model(
+            embeds[src_row, src_col] * valid[..., None],
+            positions[:, src_row, src_col] * valid,
+            packed_mask(mask, src_row, src_col, valid),
+        )
+        out = packed.new_zeros(embeds.shape)
+        out[src_row[valid], src_col[valid]] = packed[valid]
+        return out
+
     def restrict(self, mask: torch.Tensor, query_key_index: torch.Tensor) -> torch.Tensor:
         return causal_only(mask, query_key_index) if self.mask_attention == "causal" else mask
 
@@ -270,7 +295,10 @@ class StampModel(nn.Module):
         limit = torch.cat([text_index, blk.limit], 1)
         self_index = torch.arange(embeds.shape[1], device=input_ids.device).expand(B, -1)
         mask = self.restrict(attention_mask(key_text, group, limit, group, self_index), self_index)
-        hidden = self.run_language_model(embeds, positions, mask)
+        if self.pack_rows:
+            hidden = self.run_packed(embeds, positions, mask, torch.cat([valid, blk.group >= 0], 1))
+        else:
+            hidden = self.run_language_model(embeds, positions, mask)
         return hidden[:, :L], self.read_masks(hidden, segs, blk.starts, offset=L)
 
     def two_pass(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
