@@ -186,6 +186,15 @@ def test_fused_equals_two_pass(make_model, positions):
         torch.testing.assert_close(getattr(fused, x), getattr(ref, x), rtol=0, atol=1e-4)
 
 
+def test_lm_weight_scales_the_language_loss(make_model):
+    model, processor = make_model(lm_weight=2.5)
+    model.eval()
+    with torch.no_grad():
+        out = model(StampCollator(processor)(_mixed_batch(processor)))
+    assert out.loss_lm > 0 and out.loss_seg > 0
+    torch.testing.assert_close(out.loss, 2.5 * out.loss_lm + out.loss_seg)
+
+
 def test_pack_plan_hand_example():
     keep = torch.tensor(
         [
@@ -197,8 +206,10 @@ def test_pack_plan_hand_example():
         dtype=torch.bool,
     )
     src_row, src_col, valid = pack_plan(keep)
-    got = [[(r, c) for r, c, v in zip(rr.tolist(), cc.tolist(), vv.tolist()) if v]
-           for rr, cc, vv in zip(src_row, src_col, valid)]
+    got = [
+        [(r, c) for r, c, v in zip(rr.tolist(), cc.tolist(), vv.tolist(), strict=True) if v]
+        for rr, cc, vv in zip(src_row, src_col, valid, strict=True)
+    ]
     assert got == [
         [(0, 0), (0, 1), (0, 2), (0, 4), (0, 5)],
         [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)],

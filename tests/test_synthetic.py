@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from stamp.data.synthetic import COLOURS, KINDS, POSITION_MARGIN, POSITIONS, SyntheticScenes
+from stamp.data.synthetic import COLOURS, KINDS, POSITION_MARGIN, POSITIONS, SHAPES, SyntheticScenes
 from stamp.model.tokens import SEG_TOKEN
 
 
@@ -92,3 +92,45 @@ def test_bad_arguments():
         SyntheticScenes("train", image_size=20)
     with pytest.raises(ValueError, match="unknown sample kind"):
         SyntheticScenes("train", kind_weights={"refer": 1, "riddle": 1})
+    with pytest.raises(ValueError, match="shared"):
+        SyntheticScenes("train", shared=(0.8, 0.5))
+
+
+def test_curricula_then_the_mixture():
+    """Colour warm-up, then kind warm-up (one colour, distinct kinds, named by kind alone)."""
+    ds = SyntheticScenes("train", size=300, curriculum=100, kind_curriculum=100, turns=(2, 2))
+    colour = [ds[i] for i in range(100)]
+    kind = [ds[i] for i in range(100, 200)]
+    rest = [ds[i] for i in range(200, 300)]
+    by_colour = [s for s in colour if len(s.messages) == 2]
+    assert len(by_colour) > 55 and all(
+        any(f"the {c} shape" in s.messages[0]["content"] for c in COLOURS) for s in by_colour
+    )
+    by_kind = [s for s in kind if len(s.messages) == 2]  # warm-up samples are single turns
+    assert 30 < len(by_kind) < 70
+    for s in by_kind:
+        q = s.messages[0]["content"]
+        named = [k for k in SHAPES if f"the {k}" in q]
+        assert len(named) == 1 and not any(c in q for c in COLOURS), q
+        pixels = np.asarray(s.image)[s.masks[0]]
+        assert len(np.unique(pixels, axis=0)) == 1  # the target is a single colour ...
+    assert all(len(s.messages) == 4 for s in rest)  # ... and afterwards the full mixture
+
+
+def test_shared_scenes():
+    """``shared`` sets how often a scene repeats the first shape's colour or kind."""
+
+    def repeats(shared):
+        ds = SyntheticScenes("train", size=1, shared=shared)
+        rng = np.random.default_rng(0)
+        scenes = [ds.scene(rng) for _ in range(300)]
+        same_colour = np.mean([all(s.colour == sc[0].colour for s in sc) for sc in scenes if len(sc) > 1])
+        same_kind = np.mean([all(s.kind == sc[0].kind for s in sc) for sc in scenes if len(sc) > 1])
+        return same_colour, same_kind
+
+    c, k = repeats((1.0, 0.0))
+    assert c == 1.0 and k < 0.1
+    c, k = repeats((0.0, 1.0))
+    assert k == 1.0 and c < 0.1
+    c, k = repeats((0.45, 0.2))
+    assert 0.35 < c < 0.6 and 0.12 < k < 0.3

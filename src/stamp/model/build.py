@@ -72,6 +72,7 @@ def stamp_with_token_ids(
         add_patch_features=cfg.get("add_patch_features", True),
         bce_weight=cfg.get("bce_weight", 0.3),
         dice_weight=cfg.get("dice_weight", 0.7),
+        lm_weight=cfg.get("lm_weight", 1.0),
         train_forward=cfg.get("train_forward", "fused"),
         pack_rows=cfg.get("pack_rows", False),
     )

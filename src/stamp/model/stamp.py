@@ -72,6 +72,7 @@ class StampModel(nn.Module):
         mask_attention: ``hybrid`` (bidirectional block, the method) or ``causal`` (ablation).
         add_patch_features: add the patch's vision feature to each mask token's embedding.
         bce_weight, dice_weight: weights of the two terms of the mask loss.
+        lm_weight: weight of the language loss in the total (METHOD.md section 3: 1).
         train_forward: ``fused`` or ``two_pass``.
         pack_rows: in training passes, pack the batch's rows (text and mask blocks, without
             padding) into as few rows as fit the longest one: the same results with less
@@ -88,6 +89,7 @@ class StampModel(nn.Module):
         add_patch_features: bool = True,
         bce_weight: float = 0.3,
         dice_weight: float = 0.7,
+        lm_weight: float = 1.0,
         train_forward: str = "fused",
         pack_rows: bool = False,
     ) -> None:
@@ -103,7 +105,7 @@ class StampModel(nn.Module):
         self.seg_token_id, self.mask_token_id = seg_token_id, mask_token_id
         self.mask_positions, self.mask_attention = mask_positions, mask_attention
         self.add_patch_features = add_patch_features
-        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+        self.bce_weight, self.dice_weight, self.lm_weight = bce_weight, dice_weight, lm_weight
         self.train_forward, self.pack_rows = train_forward, pack_rows
         cfg = self.qwen.config
         self.image_token_id = cfg.image_token_id
@@ -348,4 +350,6 @@ class StampModel(nn.Module):
         else:  # keep the head in the graph so that DDP sees every parameter used
             loss_seg = sum(p.sum() for p in self.mask_head.parameters()) * 0.0
         full = lm_head(hidden).float() if return_lm_logits else None
-        return StampOutput(loss_lm + loss_seg, loss_lm.detach(), loss_seg.detach(), mask_logits, full)
+        return StampOutput(
+            self.lm_weight * loss_lm + loss_seg, loss_lm.detach(), loss_seg.detach(), mask_logits, full
+        )
