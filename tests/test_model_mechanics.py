@@ -168,6 +168,16 @@ def _mixed_batch(processor):
     return samples
 
 
+def _assert_same_outputs(a, b, batch, atol: float) -> None:
+    """Two forwards of ``batch`` agree: every mask map, the LM logits of real tokens, the losses."""
+    for x, y in zip(a.mask_logits, b.mask_logits, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(a.lm_logits[valid], b.lm_logits[valid], rtol=0, atol=atol)
+    for name in ("loss", "loss_lm", "loss_seg"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("positions", ["sequential", "grid"])
 def test_fused_equals_two_pass(make_model, positions):
     model, processor = make_model(mask_positions=positions)
@@ -178,12 +188,7 @@ def test_fused_equals_two_pass(make_model, positions):
         model.train_forward = "two_pass"
         ref = model(batch, return_lm_logits=True)
     assert len(fused.mask_logits) == len(batch["seg_targets"]) >= 8
-    for a, b in zip(fused.mask_logits, ref.mask_logits, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
-    valid = batch["attention_mask"].bool()
-    torch.testing.assert_close(fused.lm_logits[valid], ref.lm_logits[valid], rtol=0, atol=1e-4)
-    for x in ("loss", "loss_lm", "loss_seg"):
-        torch.testing.assert_close(getattr(fused, x), getattr(ref, x), rtol=0, atol=1e-4)
+    _assert_same_outputs(fused, ref, batch, atol=1e-4)
 
 
 def test_lm_weight_scales_the_language_loss(make_model):
@@ -238,12 +243,8 @@ def test_packed_rows_equal_padded_rows(make_model, attention, monkeypatch):
         packed = model(batch, return_lm_logits=True)
     (b, t), (r, c) = shapes
     assert r < b and r * c < b * t, f"nothing was packed: {shapes}"
-    for a, p in zip(padded.mask_logits, packed.mask_logits, strict=True):
-        torch.testing.assert_close(a, p, rtol=0, atol=1e-5)
-    valid = batch["attention_mask"].bool()
-    torch.testing.assert_close(padded.lm_logits[valid], packed.lm_logits[valid], rtol=0, atol=1e-5)
-    for x in ("loss", "loss_lm", "loss_seg"):
-        torch.testing.assert_close(getattr(padded, x), getattr(packed, x), rtol=0, atol=1e-5)
+    assert len(packed.mask_logits) == len(batch["seg_targets"]) >= 8
+    _assert_same_outputs(padded, packed, batch, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["hybrid", "causal"])

@@ -245,11 +245,7 @@ class SyntheticScenes:
         """A curriculum sample: one shape named by its colour alone, every colour distinct."""
         n = int(rng.integers(max(2, self.min_shapes), self.max_shapes + 1))
         pairs = [(str(c), str(rng.choice(SHAPES))) for c in rng.choice(list(COLOURS), n, replace=False)]
-        shapes = self.place(pairs, rng)
-        idx = int(rng.integers(len(shapes)))
-        d = f"{shapes[idx].colour} shape"
-        question = str(rng.choice(REFER_QUESTIONS)).format(d=d)
-        return self.make(rng, shapes, [question, ANSWER_ONE.format(d=d)], [[idx]], "refer", index, None)
+        return self.name_one(rng, self.place(pairs, rng), index, lambda s: f"{s.colour} shape")
 
     def easy_kind(self, rng: np.random.Generator, index: int) -> Sample:
         """A curriculum sample: one shape named by its kind alone, every kind distinct and every
@@ -257,8 +253,12 @@ class SyntheticScenes:
         n = int(rng.integers(max(2, self.min_shapes), min(self.max_shapes, len(SHAPES)) + 1))
         colour = str(rng.choice(list(COLOURS)))
         shapes = self.place([(colour, str(k)) for k in rng.choice(SHAPES, n, replace=False)], rng)
+        return self.name_one(rng, shapes, index, lambda s: s.kind)
+
+    def name_one(self, rng, shapes: list[Shape], index: int, describe) -> Sample:
+        """A single-turn ``refer`` sample: a random shape, named by ``describe(shape)``."""
         idx = int(rng.integers(len(shapes)))
-        d = shapes[idx].kind
+        d = describe(shapes[idx])
         question = str(rng.choice(REFER_QUESTIONS)).format(d=d)
         return self.make(rng, shapes, [question, ANSWER_ONE.format(d=d)], [[idx]], "refer", index, None)
 

@@ -112,9 +112,10 @@ def pack_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     src_col = torch.zeros(R, C, dtype=torch.long, device=keep.device)
     valid = torch.zeros(R, C, dtype=torch.bool, device=keep.device)
     for r, rows in enumerate(bins):
-        cols = [torch.nonzero(keep[b], as_tuple=True)[0] for b in sorted(rows)]
+        rows.sort()
+        cols = [torch.nonzero(keep[b], as_tuple=True)[0] for b in rows]
         n = sum(len(c) for c in cols)
-        src_row[r, :n] = torch.cat([torch.full_like(c, b) for b, c in zip(sorted(rows), cols, strict=True)])
+        src_row[r, :n] = torch.cat([torch.full_like(c, b) for b, c in zip(rows, cols, strict=True)])
         src_col[r, :n] = torch.cat(cols)
         valid[r, :n] = True
     return src_row, src_col, valid
