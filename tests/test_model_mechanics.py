@@ -278,3 +278,35 @@ def test_vision_encoder_runs_once_per_image(tiny):
         assert len(calls) == 1
     finally:
         handle.remove()
+
+
+def test_sdpa_fp32_attention(make_model, monkeypatch):
+    """``sdpa_fp32`` equals ``sdpa`` in float32; inside a bf16 autocast its attention runs in
+    float32 while the projections run in bf16, and the outputs stay close to float32's."""
+    from stamp.model import attention
+
+    batch = StampCollator(make_model()[1])(_mixed_batch(None))
+    with torch.no_grad():
+        ref = make_model()[0].eval()(batch, return_lm_logits=True)
+        model = make_model(attn_implementation="sdpa_fp32")[0].eval()
+        _assert_same_outputs(model(batch, return_lm_logits=True), ref, batch, atol=1e-6)
+
+        dtypes = []
+        real = attention.sdpa_attention_forward
+
+        def spy(module, q, k, v, mask, **kw):
+            dtypes.append(q.dtype)
+            out = real(module, q, k, v, mask, **kw)
+            dtypes.append(out[0].dtype)
+            return out
+
+        monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+        head = []
+        model.mask_head.register_forward_hook(lambda mod, inp, out: head.append(out.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(batch, return_lm_logits=True)
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert head and set(head) == {torch.bfloat16}  # the linear layers did run in bf16
+    for x, y in zip(low.mask_logits, ref.mask_logits, strict=True):
+        torch.testing.assert_close(x.float(), y, rtol=0, atol=0.1)
+    torch.testing.assert_close(low.loss, ref.loss, rtol=0.02, atol=0)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+from stamp.model import attention  # noqa: F401  (registers the sdpa_fp32 implementation)
 from stamp.model.tokens import add_stamp_tokens, resize_embeddings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,7 +49,7 @@ def attn_kwargs(attn_implementation: str, vision_attn_implementation: str | None
         raise ValueError(
             f"model.attn_implementation={attn_implementation!r}: flash-attention ignores the 4-D hybrid "
             "mask that STAMP's mask block needs (it would silently train a causal block). Use 'sdpa' or "
-            "'eager' for the language model; flash-attention may be used for the vision encoder with "
+            "'eager' (or 'sdpa_fp32') for the language model; flash-attention may be used for the vision encoder with "
             "model.vision_attn_implementation=flash_attention_2."
         )
     if vision_attn_implementation in (None, attn_implementation):

@@ -54,16 +54,17 @@ def causal_only(mask: torch.Tensor, query_key_index: torch.Tensor) -> torch.Tens
 def to_attention_bias(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """Express a boolean mask in the form the attention implementation consumes.
 
-    sdpa takes booleans; eager adds the mask to the scores, so it needs 0 / -inf floats.
+    sdpa (and ``sdpa_fp32``, its float32 form) takes booleans; eager adds the mask to the scores,
+    so it needs 0 / -inf floats.
     """
-    if implementation == "sdpa":
+    if implementation in ("sdpa", "sdpa_fp32"):
         return mask
     if implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(dtype).min
         )
     raise ValueError(
-        f"attention implementation {implementation!r} cannot apply STAMP's 4-D mask; use 'sdpa' or 'eager'"
+        f"attention implementation {implementation!r} cannot apply STAMP's 4-D mask; use 'sdpa', 'sdpa_fp32' or 'eager'"
     )
 
 
