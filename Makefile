@@ -16,8 +16,9 @@ $(SETUP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(SETUP)
 
-$(TINY): | $(SETUP)
-	$(BIN)/stamp-make-tiny
+# Rebuilt when its recipe changes (the tokenizer is trained on the synthetic corpus).
+$(TINY): src/stamp/model/tiny.py src/stamp/data/synthetic.py | $(SETUP)
+	$(BIN)/stamp-make-tiny --force
 
 tiny: $(TINY)
 
