@@ -26,7 +26,9 @@ def main(overrides: list[str]) -> None:
         cfg = compose("train", overrides=["experiment=demo", *overrides])
     data = instantiate(cfg.data.val)
     if data.curriculum or data.kind_curriculum:
-        raise ValueError("the baseline reads each scene from its random stream; use a split without curriculum")
+        raise ValueError(
+            "the baseline reads each scene from its random stream; use a split without curriculum"
+        )
     grid = (data.image_size // CELL, data.image_size // CELL)
     pick = np.random.default_rng(0)
     inter = union = expressions = 0

@@ -284,15 +284,12 @@ class SyntheticScenes:
         return self.place(pairs, rng)
 
     def place(self, pairs: list[tuple[str, str]], rng: np.random.Generator) -> list[Shape]:
-        """Random non-overlapping positions and sizes for (colour, kind) pairs. After 100 failed
-        tries the largest radius shrinks towards the smallest, so that crowded scenes still fit;
-        a shape that does not fit in 200 tries is left out."""
+        """Random non-overlapping positions and sizes for (colour, kind) pairs."""
         lo, hi = self.radius
         shapes: list[Shape] = []
         for c, k in pairs:
-            for attempt in range(200):
-                top = hi if attempt < 100 else hi - (hi - lo) * (attempt - 100) / 100
-                r = float(rng.uniform(lo, top))
+            for _ in range(200):
+                r = float(rng.uniform(lo, hi))
                 cx, cy = rng.uniform(r + 2, self.image_size - r - 2, size=2)
                 if all(math.hypot(cx - o.cx, cy - o.cy) > r + o.r + 4 for o in shapes):
                     shapes.append(Shape(c, k, float(cx), float(cy), r))
