@@ -38,6 +38,8 @@ def main(overrides: list[str]) -> None:
             continue
         shapes = data.scene(data.rng(i))  # the scene is the first draw of the sample's stream
         _, shape_masks = render(shapes, data.image_size, (255, 255, 255))
+        if any((truth & ~np.logical_or.reduce(shape_masks)).any() for truth in sample.masks):
+            raise RuntimeError(f"{sample.id}: the scene read from its random stream is not the sample's")
         for truth in sample.masks:
             guess = cell_mask(shape_masks[pick.integers(len(shape_masks))], grid).bool()
             target = cell_mask(truth, grid).bool()

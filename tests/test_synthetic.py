@@ -134,3 +134,19 @@ def test_shared_scenes():
     assert k == 1.0 and c < 0.1
     c, k = repeats((0.45, 0.2))
     assert 0.35 < c < 0.6 and 0.12 < k < 0.3
+
+
+def test_random_shape_baseline_script():
+    """The floor printed by scripts/random_shape_baseline.py: well below a text-reading model."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "random_shape_baseline.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "data.val.size=80"], capture_output=True, text=True, check=True
+    ).stdout
+    assert re.search(r"^\d+ expressions of 80 validation chats", out, re.M), out
+    score = float(re.search(r"random-shape cell cIoU: ([0-9.]+)", out).group(1))
+    assert 0.1 < score < 0.4
