@@ -94,8 +94,14 @@ def tiny_config(
     vision_dim: int = 128,
     vision_layers: int = 2,
     vision_heads: int = 4,
+    init_std: float = 0.06,
 ) -> Qwen2VLConfig:
-    """A few-million-parameter Qwen2-VL with the special-token ids of ``tokenizer``."""
+    """A few-million-parameter Qwen2-VL with the special-token ids of ``tokenizer``.
+
+    ``init_std`` is the standard deviation of the random weights. transformers' default, 0.02,
+    suits hidden sizes in the thousands; at 128 it leaves every attention nearly uniform at the
+    start, and the tiny model takes longer to read the words (docs/PERFORMANCE.md).
+    """
     ids = tokenizer.convert_tokens_to_ids
     head_dim = hidden // heads
     section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # t, h, w; sums to head_dim / 2
@@ -113,6 +119,7 @@ def tiny_config(
             "bos_token_id": ids("<|endoftext|>"),
             "eos_token_id": ids("<|im_end|>"),
             "pad_token_id": ids("<|endoftext|>"),
+            "initializer_range": init_std,
         },
         vision_config={
             "depth": vision_layers,
@@ -120,6 +127,7 @@ def tiny_config(
             "hidden_size": hidden,
             "num_heads": vision_heads,
             "mlp_ratio": 2,
+            "initializer_range": init_std,
         },
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
