@@ -285,9 +285,10 @@ def test_sdpa_fp32_attention(make_model, monkeypatch):
     float32 while the projections run in bf16, and the outputs stay close to float32's."""
     from stamp.model import attention
 
-    batch = StampCollator(make_model()[1])(_mixed_batch(None))
+    sdpa_model, processor = make_model()
+    batch = StampCollator(processor)(_mixed_batch(None))
     with torch.no_grad():
-        ref = make_model()[0].eval()(batch, return_lm_logits=True)
+        ref = sdpa_model.eval()(batch, return_lm_logits=True)
         model = make_model(attn_implementation="sdpa_fp32")[0].eval()
         _assert_same_outputs(model(batch, return_lm_logits=True), ref, batch, atol=1e-6)
 

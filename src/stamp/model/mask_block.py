@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from stamp.model.attention import NAME as SDPA_FP32
+
 POSITION_MODES = ("sequential", "grid")
 
 
@@ -57,14 +59,14 @@ def to_attention_bias(mask: torch.Tensor, implementation: str, dtype: torch.dtyp
     sdpa (and ``sdpa_fp32``, its float32 form) takes booleans; eager adds the mask to the scores,
     so it needs 0 / -inf floats.
     """
-    if implementation in ("sdpa", "sdpa_fp32"):
+    if implementation in ("sdpa", SDPA_FP32):
         return mask
     if implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(dtype).min
         )
     raise ValueError(
-        f"attention implementation {implementation!r} cannot apply STAMP's 4-D mask; use 'sdpa', 'sdpa_fp32' or 'eager'"
+        f"attention implementation {implementation!r} cannot apply STAMP's 4-D mask; use 'sdpa', '{SDPA_FP32}' or 'eager'"
     )
 
 
