@@ -108,6 +108,16 @@ def test_predict_synthetic_and_real_photo(stamp_ckpt, tmp_path):
     assert np.array_equal(changed & ~(mask > 0), np.zeros_like(changed))  # tinted only where the mask is
 
 
+def test_empty_masks_are_named():
+    """An empty mask is the model's "nothing matches": predict and the web demo say so."""
+    from stamp.utils.overlay import empty_masks_note
+
+    full, empty = np.ones((4, 4), bool), np.zeros((4, 4), bool)
+    assert empty_masks_note([full, full]) is None and empty_masks_note([]) is None
+    assert empty_masks_note([full, empty]) == "Mask 2 is empty: nothing in the image matches."
+    assert empty_masks_note([empty, full, empty]) == "Masks 1, 3 are empty: nothing in the image matches."
+
+
 @pytest.mark.slow
 def test_predict_chat_three_turns(stamp_ckpt, tmp_path):
     image = _write(tmp_path, "shapes.png", square_sample(size=224).image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -47,6 +48,12 @@ def test_kinds_and_masks():
     assert all(len(v) > 10 for v in by_kind.values()), {k: len(v) for k, v in by_kind.items()}
     assert all(m.any() for s in by_kind["refer"] + by_kind["multi"] + by_kind["pair"] for m in s.masks)
     assert all(not s.masks[0].any() for s in by_kind["none"])
+
+    # a no-target answer reads like a referring one: only its empty mask says that nothing matches
+    def forms(samples):
+        return {re.sub(r"the .+ is", "the _ is", s.messages[-1]["content"]) for s in samples}
+
+    assert forms(by_kind["none"]) == forms(by_kind["refer"])
     assert all(len(s.masks) == 2 for s in by_kind["pair"])
     assert all(not s.masks and s.answer for s in by_kind["vqa"])
     # a multi-target mask is the union of at least two separate shapes: larger than one

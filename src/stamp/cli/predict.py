@@ -39,8 +39,13 @@ def save_outputs(image, result, out_dir: Path, stem: str, alpha: float) -> list[
 
 
 def answer(seg, image, query: str, history, out_dir: Path, stem: str, alpha: float):
+    from stamp.utils.overlay import empty_masks_note
+
     result = seg.segment(image, query, history=history)
     print(f"answer: {result.answer}")
+    note = empty_masks_note(result.masks)
+    if note:
+        print(note)
     if result.masks:
         for p in save_outputs(image, result, out_dir, stem, alpha):
             print(f"wrote {p}")

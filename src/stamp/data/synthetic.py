@@ -9,6 +9,10 @@ these kinds:
   colour and shape words consistent for a tiny model.
 * ``multi``  - "all the red shapes": one ``<|seg|>`` whose ground truth is the union.
 * ``none``   - "the purple star" where there is none: one ``<|seg|>`` with an all-zero mask.
+  The answer reads like any other ("Sure, the purple star is <|seg|>"): the mask, not the
+  text, says that nothing matches (an empty mask is the prediction "no target"). Each mask
+  cell looks for its own match in the image, which the tiny model learns far more reliably
+  than one yes/no word at the start of the answer (docs/PERFORMANCE.md).
 * ``pair``   - two targets in one answer: two ``<|seg|>``, each with its own mask.
 * ``vqa``    - a short question about colour, shape, count or presence; no mask.
 
@@ -60,7 +64,6 @@ PAIR_QUESTIONS = ("Segment the {a} and the {b}.", "Please segment the {a} and th
 # Answers restate what they segment, right before each <|seg|>, as a person would.
 ANSWER_ONE = "Sure, the {d} is " + SEG_TOKEN
 ANSWER_MANY = "Sure, all the {d} are " + SEG_TOKEN
-ANSWER_NONE = "There is no {d} " + SEG_TOKEN
 ANSWER_PAIR = "Sure, the {a} is " + SEG_TOKEN + " and the {b} is " + SEG_TOKEN
 
 
@@ -351,7 +354,7 @@ class SyntheticScenes:
         if kinds:
             options.append(str(rng.choice(kinds)))
         d = str(rng.choice(options))
-        return str(rng.choice(REFER_QUESTIONS)).format(d=d), ANSWER_NONE.format(d=d), [[]], None
+        return str(rng.choice(REFER_QUESTIONS)).format(d=d), ANSWER_ONE.format(d=d), [[]], None
 
     @staticmethod
     def _absent(rng, shapes) -> str:

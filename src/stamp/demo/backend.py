@@ -22,7 +22,7 @@ from PIL import Image
 from stamp.data.sample import Sample
 from stamp.inference.images import load_image
 from stamp.model.tokens import SEG_TOKEN
-from stamp.utils.overlay import PALETTE, mask_image, overlay
+from stamp.utils.overlay import PALETTE, empty_masks_note, mask_image, overlay
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,7 @@ class DemoBackend:
             status = f"Answered in {seconds:.1f} s with {n} mask{'s' if n > 1 else ''}" + (
                 ", refined with SAM." if use_sam else "."
             )
+            status += f" {empty_masks_note(result.masks) or ''}".rstrip()
         else:
             status = f"Answered in {seconds:.1f} s; the answer has no `{SEG_TOKEN}`, so there is no mask."
         if len(session.turns) > self.limits.max_turns:

@@ -30,6 +30,16 @@ def mask_image(masks: list[np.ndarray], shape: tuple[int, int]) -> Image.Image:
     return Image.fromarray((union * 255).astype(np.uint8), mode="L")
 
 
+def empty_masks_note(masks: list[np.ndarray]) -> str | None:
+    """A line naming the empty masks (numbered from 1), or None: an empty mask is the model's
+    way of saying that nothing in the image matches the request."""
+    empty = [str(k + 1) for k, m in enumerate(masks) if not np.asarray(m).any()]
+    if not empty:
+        return None
+    which = f"Mask {empty[0]} is" if len(empty) == 1 else f"Masks {', '.join(empty)} are"
+    return f"{which} empty: nothing in the image matches."
+
+
 def overlay_grid(examples: list[tuple], tile: int = 224) -> Image.Image:
     """Rows of (question, truth overlay, prediction overlay) for (sample, answer, preds) triples."""
     caption = 28
