@@ -89,8 +89,8 @@ def tiny_config(
     tokenizer,
     hidden: int = 128,
     layers: int = 4,
-    heads: int = 8,
-    kv_heads: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
     vision_dim: int = 128,
     vision_layers: int = 2,
     vision_heads: int = 4,
@@ -100,9 +100,7 @@ def tiny_config(
 
     ``init_std`` is the standard deviation of the random weights. transformers' default, 0.02,
     suits hidden sizes in the thousands; at 128 it leaves every attention nearly uniform at the
-    start, and the tiny model takes longer to read the words (docs/PERFORMANCE.md). Eight heads
-    of 16 dimensions (rather than four of 32) cost about as much per step and scored higher in
-    the run compared (docs/PERFORMANCE.md).
+    start, and the tiny model takes longer to read the words (docs/PERFORMANCE.md).
     """
     ids = tokenizer.convert_tokens_to_ids
     head_dim = hidden // heads
