@@ -145,7 +145,6 @@ def test_shared_scenes():
 
 def test_random_shape_baseline_script():
     """The floor printed by scripts/random_shape_baseline.py: well below a text-reading model."""
-    import re
     import subprocess
     import sys
     from pathlib import Path

@@ -18,8 +18,8 @@ def test_tiny_overfits_eight_samples(make_model):
     model.train()
     ds = SyntheticScenes("train", size=100, kind_weights={"refer": 1.0})
     batch = StampCollator(processor)([ds[i] for i in range(8)])
-    # lr 1e-3: cIoU 1.0 from step 200 with the current tiny checkpoint; at 3e-3 the loss
-    # oscillated (0.62 at step 400, 0.86 at 800) after the tokenizer, hence the init, changed
+    # lr 1e-3: cIoU 1.0 from step 200 with the current tiny checkpoint; at 3e-3 training
+    # oscillated (cIoU 0.62 at step 400, 0.86 at 800) after the tokenizer, hence the init, changed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(400):
         out = model(batch)

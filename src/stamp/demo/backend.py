@@ -203,7 +203,9 @@ class DemoBackend:
             status = f"Answered in {seconds:.1f} s with {n} mask{'s' if n > 1 else ''}" + (
                 ", refined with SAM." if use_sam else "."
             )
-            status += f" {empty_masks_note(result.masks) or ''}".rstrip()
+            note = empty_masks_note(result.masks)
+            if note:
+                status += " " + note
         else:
             status = f"Answered in {seconds:.1f} s; the answer has no `{SEG_TOKEN}`, so there is no mask."
         if len(session.turns) > self.limits.max_turns:
