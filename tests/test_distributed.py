@@ -82,7 +82,9 @@ def test_ddp_cpu_validation_counts_each_sample_once(tiny_dir, tmp_path, compose_
         "generation.max_new_tokens=12",
         "optimizer.lr=3e-3",
         "scheduler.warmup_ratio=0",
+        "~data.train.kind_weights",
         "+data.train.kind_weights={refer: 1}",
+        "trainer.precision=32-true",  # the single-process check below scores in float32
         "trainer.enable_progress_bar=false",
     ]
     logs = tmp_path / "logs"

@@ -8,7 +8,15 @@ import re
 import numpy as np
 import pytest
 
-from stamp.data.synthetic import COLOURS, KINDS, POSITION_MARGIN, POSITIONS, SHAPES, SyntheticScenes
+from stamp.data.synthetic import (
+    COLOURS,
+    KINDS,
+    NUMBER_WORDS,
+    POSITION_MARGIN,
+    POSITIONS,
+    SHAPES,
+    SyntheticScenes,
+)
 from stamp.model.tokens import SEG_TOKEN
 
 
@@ -38,7 +46,8 @@ def test_splits_are_disjoint():
 
 def test_kinds_and_masks():
     ds = SyntheticScenes("train", size=400, image_size=224)
-    by_kind = {k: [] for k in KINDS}
+    assert ds.kinds == [k for k in KINDS if k != "caption"]  # captions only when asked for
+    by_kind = {k: [] for k in ds.kinds}
     for i in range(len(ds)):
         s = ds[i]
         by_kind[s.kind].append(s)
@@ -60,6 +69,18 @@ def test_kinds_and_masks():
     multi_area = np.mean([s.masks[0].sum() for s in by_kind["multi"]])
     refer_area = np.mean([s.masks[0].sum() for s in by_kind["refer"]])
     assert multi_area > 1.5 * refer_area
+
+
+def test_captions_name_every_shape_left_to_right():
+    ds = SyntheticScenes("train", size=30, kind_weights={"caption": 1})
+    for i in range(len(ds)):
+        s = ds[i]
+        shapes = ds.scene(ds.rng(i))  # the scene is the first thing drawn from the sample's stream
+        answer = s.messages[1]["content"]
+        assert not s.masks and s.answer is None and s.kind == "caption"
+        named = re.findall(r"an? (\w+) (\w+)", answer)
+        assert named == [(t.colour, t.kind) for t in sorted(shapes, key=lambda t: t.cx)], answer
+        assert answer.startswith(f"There are {NUMBER_WORDS[len(shapes)]} shapes: "), answer
 
 
 def test_referring_needs_the_text():
@@ -104,7 +125,8 @@ def test_bad_arguments():
 
 
 def test_curricula_then_the_mixture():
-    """Colour warm-up, then kind warm-up (one colour, distinct kinds, named by kind alone)."""
+    """Colour warm-up, then kind warm-up (one colour, distinct kinds, named by kind alone, a
+    different shape in each turn)."""
     ds = SyntheticScenes("train", size=300, curriculum=100, kind_curriculum=100, turns=(2, 2))
     colour = [ds[i] for i in range(100)]
     kind = [ds[i] for i in range(100, 200)]
@@ -113,15 +135,19 @@ def test_curricula_then_the_mixture():
     assert len(by_colour) > 55 and all(
         any(f"the {c} shape" in s.messages[0]["content"] for c in COLOURS) for s in by_colour
     )
-    by_kind = [s for s in kind if len(s.messages) == 2]  # warm-up samples are single turns
-    assert 30 < len(by_kind) < 70
-    for s in by_kind:
-        q = s.messages[0]["content"]
-        named = [k for k in SHAPES if f"the {k}" in q]
-        assert len(named) == 1 and not any(c in q for c in COLOURS), q
-        pixels = np.asarray(s.image)[s.masks[0]]
-        assert len(np.unique(pixels, axis=0)) == 1  # the target is a single colour ...
-    assert all(len(s.messages) == 4 for s in rest)  # ... and afterwards the full mixture
+    for s in kind:
+        assert len(s.messages) == 4 and len(s.masks) == 2
+        named = []
+        for q, mask in zip(s.messages[::2], s.masks, strict=True):
+            q = q["content"]
+            named += [k for k in SHAPES if f"the {k}" in q]
+            assert not any(c in q for c in COLOURS), q
+            pixels = np.asarray(s.image)[mask]
+            assert len(np.unique(pixels, axis=0)) == 1  # the target is a single colour ...
+        assert len(set(named)) == 2, s.messages  # ... another one in each turn
+        colours = {tuple(p) for m in s.masks for p in np.unique(np.asarray(s.image)[m], axis=0)}
+        assert len(colours) == 1  # both targets have the same colour
+    assert all(len(s.messages) == 4 for s in rest)  # afterwards the full mixture
 
 
 def test_shared_scenes():
@@ -156,3 +182,28 @@ def test_random_shape_baseline_script():
     assert re.search(r"^\d+ expressions of 80 validation chats", out, re.M), out
     score = float(re.search(r"random-shape cell cIoU: ([0-9.]+)", out).group(1))
     assert 0.1 < score < 0.4
+
+
+def test_breakdown_script_names_the_words_of_every_request():
+    """scripts/synthetic_breakdown.py sorts every synthetic referring question by what names its
+    target, and every VQA question by its type."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "synthetic_breakdown.py"
+    spec = importlib.util.spec_from_file_location("synthetic_breakdown", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.wording("Segment the red shape.") == "colour"
+    assert script.wording("Can you segment the star in this image?") == "kind"
+    assert script.wording("Where is the blue circle?") == "colour + kind"
+    assert script.wording("Show me the left red shape.") == "position"
+    refer = SyntheticScenes("val", size=300, kind_weights={"refer": 1})
+    seen = {script.wording(refer[i].messages[0]["content"]) for i in range(len(refer))}
+    assert seen == {"colour", "kind", "colour + kind", "position"}
+    vqa = SyntheticScenes("val", size=200, kind_weights={"vqa": 1})
+    types = [
+        next(name for start, name in script.VQA_TYPES if vqa[i].messages[0]["content"].startswith(start))
+        for i in range(len(vqa))
+    ]
+    assert set(types) == {name for _, name in script.VQA_TYPES}

@@ -15,6 +15,9 @@ these kinds:
   than one yes/no word at the start of the answer (docs/PERFORMANCE.md).
 * ``pair``   - two targets in one answer: two ``<|seg|>``, each with its own mask.
 * ``vqa``    - a short question about colour, shape, count or presence; no mask.
+* ``caption`` - "Describe the image.": every shape named by its colour and kind, left to right;
+  no mask. Not in the default mixture; in training it gives the language model's answers
+  practice in reading every shape, which the short VQA answers give one word at a time.
 
 A sample is a pure function of ``(seed, split, index)``, so splits are reproducible and disjoint
 (each split draws from its own random stream).
@@ -50,7 +53,7 @@ POSITIONS = {
 POSITION_MARGIN = 12.0  # pixels between the named shape and the runner-up
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-KINDS = ("refer", "multi", "none", "pair", "vqa")
+KINDS = ("refer", "multi", "none", "pair", "vqa", "caption")
 
 REFER_QUESTIONS = (
     "Segment the {d}.",
@@ -65,6 +68,7 @@ PAIR_QUESTIONS = ("Segment the {a} and the {b}.", "Please segment the {a} and th
 ANSWER_ONE = "Sure, the {d} is " + SEG_TOKEN
 ANSWER_MANY = "Sure, all the {d} are " + SEG_TOKEN
 ANSWER_PAIR = "Sure, the {a} is " + SEG_TOKEN + " and the {b} is " + SEG_TOKEN
+CAPTION_QUESTIONS = ("Describe the image.", "What is in this image?", "Describe the shapes in this image.")
 
 
 @dataclass(frozen=True)
@@ -146,8 +150,9 @@ class SyntheticScenes:
             (a tiny random-init model otherwise idles for a long while segmenting any shape).
             0 = off.
         kind_curriculum: a second warm-up phase of this many samples right after the first:
-            half of them name one shape by its kind alone among distinct kinds of one colour,
-            so that the words for shapes are grounded before the full mixture. 0 = off.
+            shapes of distinct kinds and one colour, named by their kind alone, a different
+            one in each turn (up to ``turns``), so that the words for shapes are grounded
+            before the full mixture. 0 = off.
         shared: probabilities that a scene repeats the first shape's colour, or its kind,
             in the other shapes (the rest draw both freely). Repeated colours make the kind
             words necessary; repeated kinds the colour words.
@@ -203,7 +208,7 @@ class SyntheticScenes:
         rng = self.rng(index)
         if index < self.curriculum and rng.random() < 0.75:
             return self.easy(rng, index)
-        if 0 <= index - self.curriculum < self.kind_curriculum and rng.random() < 0.5:
+        if 0 <= index - self.curriculum < self.kind_curriculum:
             return self.easy_kind(rng, index)
         shapes = self.scene(rng)
         n_turns = int(rng.integers(self.turns[0], self.turns[1] + 1))
@@ -251,12 +256,18 @@ class SyntheticScenes:
         return self.name_one(rng, self.place(pairs, rng), index, lambda s: f"{s.colour} shape")
 
     def easy_kind(self, rng: np.random.Generator, index: int) -> Sample:
-        """A curriculum sample: one shape named by its kind alone, every kind distinct and every
-        shape the same colour (so that only the shape tells them apart)."""
+        """A curriculum chat: shapes of distinct kinds, all of one colour (so that only the shape
+        tells them apart), each turn naming another of them by its kind alone."""
         n = int(rng.integers(max(2, self.min_shapes), min(self.max_shapes, len(SHAPES)) + 1))
         colour = str(rng.choice(list(COLOURS)))
         shapes = self.place([(colour, str(k)) for k in rng.choice(SHAPES, n, replace=False)], rng)
-        return self.name_one(rng, shapes, index, lambda s: s.kind)
+        n_turns = min(len(shapes), int(rng.integers(self.turns[0], self.turns[1] + 1)))
+        texts, groups = [], []
+        for idx in rng.choice(len(shapes), n_turns, replace=False):
+            d = shapes[int(idx)].kind
+            texts += [str(rng.choice(REFER_QUESTIONS)).format(d=d), ANSWER_ONE.format(d=d)]
+            groups.append([int(idx)])
+        return self.make(rng, shapes, texts, groups, "refer" if n_turns == 1 else "chat", index, None)
 
     def name_one(self, rng, shapes: list[Shape], index: int, describe) -> Sample:
         """A single-turn ``refer`` sample: a random shape, named by ``describe(shape)``."""
@@ -403,6 +414,17 @@ class SyntheticScenes:
             s = shapes[int(rng.integers(len(shapes)))]
             return f"Is there a {s.name}?", "yes", [], "yes"
         return f"Is there a {self._absent(rng, shapes)}?", "no", [], "no"
+
+    def _caption(self, rng, shapes):
+        names = [
+            ("an " if s.colour[0] in "aeiou" else "a ") + s.name for s in sorted(shapes, key=lambda s: s.cx)
+        ]
+        if len(names) == 1:
+            answer = f"There is one shape: {names[0]}."
+        else:
+            listed = ", ".join(names[:-1]) + " and " + names[-1]
+            answer = f"There are {NUMBER_WORDS[len(names)]} shapes: {listed}."
+        return str(rng.choice(CAPTION_QUESTIONS)), answer, [], None
 
 
 def corpus(n: int = 4000, seed: int = 0) -> list[str]:
