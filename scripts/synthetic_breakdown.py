@@ -7,6 +7,9 @@ question ("How many <colour> shapes?", "Is there a ...?", ...). `val/ciou_cell` 
 `val/vqa_acc` average over these; the tables show which kind of words a model has not grounded:
 
     .venv/bin/python scripts/synthetic_breakdown.py logs/demo/runs/<run>/model [n=400] [seed=42]
+
+The questions come from the validation split that `make demo` validates on (the demo config),
+one kind at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import sys
 from collections import Counter
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
+from stamp.cli import CONF_DIR
 from stamp.data.collate import CELL, StampCollator, cell_mask
 from stamp.data.synthetic import POSITIONS, SyntheticScenes
 from stamp.evaluation import normalise_answer
@@ -42,6 +48,11 @@ def wording(question: str) -> str:
     return "kind" if len(words) == 1 else "colour + kind"
 
 
+def question_type(question: str) -> str:
+    """The type of a synthetic VQA question (``VQA_TYPES``)."""
+    return next(name for start, name in VQA_TYPES if question.startswith(start))
+
+
 def answers(model, processor, data: SyntheticScenes, batch_size: int = 50):
     collate = StampCollator(processor, "generate")
     for start in range(0, len(data), batch_size):
@@ -61,10 +72,14 @@ def main(args: list[str]) -> None:
     n, seed = int(opts.get("n", 400)), int(opts.get("seed", 42))
     model, processor = load_stamp(args[0])
     model.eval()
-    split = dict(split="val", size=n, seed=seed, radius=(28, 48))
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        val = compose("train", overrides=["experiment=demo", f"seed={seed}"]).data.val
+
+    def split(kind: str) -> SyntheticScenes:
+        return instantiate(val, size=n, kind_weights={kind: 1})
 
     inter, union, count = Counter(), Counter(), Counter()
-    for sample, row in answers(model, processor, SyntheticScenes(**split, kind_weights={"refer": 1})):
+    for sample, row in answers(model, processor, split("refer")):
         kind = wording(sample.messages[0]["content"])
         truth = cell_mask(sample.masks[0], (sample.image.height // CELL, sample.image.width // CELL)).bool()
         pred = row.cell_logits[0] > 0 if row.cell_logits else torch.zeros_like(truth)
@@ -76,8 +91,8 @@ def main(args: list[str]) -> None:
         print(f"{kind:42s} {count[kind]:4d}  {inter[kind] / max(union[kind], 1):.3f}")
 
     right, asked = Counter(), Counter()
-    for sample, row in answers(model, processor, SyntheticScenes(**split, kind_weights={"vqa": 1})):
-        kind = next(name for start, name in VQA_TYPES if sample.messages[0]["content"].startswith(start))
+    for sample, row in answers(model, processor, split("vqa")):
+        kind = question_type(sample.messages[0]["content"])
         right[kind] += normalise_answer(row.text) == normalise_answer(sample.answer)
         asked[kind] += 1
     print(f"\n{'VQA question':42s} {'n':>4s}  accuracy")

@@ -202,8 +202,5 @@ def test_breakdown_script_names_the_words_of_every_request():
     seen = {script.wording(refer[i].messages[0]["content"]) for i in range(len(refer))}
     assert seen == {"colour", "kind", "colour + kind", "position"}
     vqa = SyntheticScenes("val", size=200, kind_weights={"vqa": 1})
-    types = [
-        next(name for start, name in script.VQA_TYPES if vqa[i].messages[0]["content"].startswith(start))
-        for i in range(len(vqa))
-    ]
-    assert set(types) == {name for _, name in script.VQA_TYPES}
+    types = {script.question_type(vqa[i].messages[0]["content"]) for i in range(len(vqa))}
+    assert types == {name for _, name in script.VQA_TYPES}
