@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import re
 import sys
-from collections import Counter
+import warnings
+from collections import defaultdict
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from stamp.cli import CONF_DIR
-from stamp.data.collate import CELL, StampCollator, cell_mask
+from stamp.data.collate import StampCollator
 from stamp.data.synthetic import POSITIONS, SyntheticScenes
-from stamp.evaluation import normalise_answer
+from stamp.evaluation import StampScorer
 from stamp.inference.generate import generate_with_masks
 from stamp.model.checkpoints import load_stamp
 
@@ -53,13 +54,19 @@ def question_type(question: str) -> str:
     return next(name for start, name in VQA_TYPES if question.startswith(start))
 
 
-def answers(model, processor, data: SyntheticScenes, batch_size: int = 50):
+def scores(model, processor, data: SyntheticScenes, group, batch_size: int = 50) -> dict[str, dict]:
+    """The evaluation's metrics (``StampScorer``) of the generated answers, per ``group(question)``."""
     collate = StampCollator(processor, "generate")
+    scorers = defaultdict(StampScorer)
     for start in range(0, len(data), batch_size):
-        samples = [data[i] for i in range(start, min(len(data), start + batch_size))]
+        batch = collate([data[i] for i in range(start, min(len(data), start + batch_size))])
         with torch.no_grad():
-            rows = generate_with_masks(model, collate(samples), processor.tokenizer, 16)
-        yield from zip(samples, rows, strict=True)
+            rows = generate_with_masks(model, batch, processor.tokenizer, 16)
+        for sample, row, grid in zip(batch["samples"], rows, batch["grid_hw"], strict=True):
+            scorers[group(sample.messages[0]["content"])].update([sample], [row], [grid])
+    with warnings.catch_warnings():  # a group of VQA questions leaves the mask metrics unused
+        warnings.filterwarnings("ignore", "The ``compute`` method of metric", UserWarning)
+        return {name: scorer.compute() for name, scorer in scorers.items()}
 
 
 def main(args: list[str]) -> None:
@@ -78,27 +85,19 @@ def main(args: list[str]) -> None:
     def split(kind: str) -> SyntheticScenes:
         return instantiate(val, size=n, kind_weights={kind: 1})
 
-    inter, union, count = Counter(), Counter(), Counter()
-    for sample, row in answers(model, processor, split("refer")):
-        kind = wording(sample.messages[0]["content"])
-        truth = cell_mask(sample.masks[0], (sample.image.height // CELL, sample.image.width // CELL)).bool()
-        pred = row.cell_logits[0] > 0 if row.cell_logits else torch.zeros_like(truth)
-        inter[kind] += int((pred & truth).sum())
-        union[kind] += int((pred | truth).sum())
-        count[kind] += 1
+    seg = scores(model, processor, split("refer"), wording)
     print(f"{'referring expression names the target by':42s} {'n':>4s}  cell cIoU")
-    for kind in sorted(count):
-        print(f"{kind:42s} {count[kind]:4d}  {inter[kind] / max(union[kind], 1):.3f}")
+    for kind in sorted(seg):
+        print(f"{kind:42s} {seg[kind]['expressions']:4.0f}  {seg[kind]['ciou_cell']:.3f}")
 
-    right, asked = Counter(), Counter()
-    for sample, row in answers(model, processor, split("vqa")):
-        kind = question_type(sample.messages[0]["content"])
-        right[kind] += normalise_answer(row.text) == normalise_answer(sample.answer)
-        asked[kind] += 1
+    vqa = scores(model, processor, split("vqa"), question_type)
     print(f"\n{'VQA question':42s} {'n':>4s}  accuracy")
     for _, kind in VQA_TYPES:
-        print(f"{kind:42s} {asked[kind]:4d}  {right[kind] / max(asked[kind], 1):.3f}")
-    print(f"{'all':42s} {sum(asked.values()):4d}  {sum(right.values()) / sum(asked.values()):.3f}")
+        got = vqa.get(kind, {"vqa_questions": 0, "vqa_acc": 0.0})
+        print(f"{kind:42s} {got['vqa_questions']:4.0f}  {got['vqa_acc']:.3f}")
+    asked = sum(v["vqa_questions"] for v in vqa.values())
+    right = sum(v["vqa_acc"] * v["vqa_questions"] for v in vqa.values())
+    print(f"{'all':42s} {asked:4.0f}  {right / asked:.3f}")
 
 
 if __name__ == "__main__":
