@@ -57,3 +57,16 @@ def test_unknown_model_path(tmp_path):
 def test_flash_attention_is_refused_for_the_language_model(tiny_dir):
     with pytest.raises(ValueError, match="flash-attention ignores the 4-D hybrid mask"):
         load_backbone(str(tiny_dir), attn_implementation="flash_attention_2")
+
+
+def test_tiny_tokenizer_has_whole_words_for_the_chat(tiny):
+    """The tiny tokenizer is trained on what the chats say, the chat template's role names
+    included: "user", "assistant" and a caption's words are one token each, not runs of letters."""
+    _, processor = tiny
+    tok = processor.tokenizer
+    chat = [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "There"}]
+    ids = tok(processor.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert "user" in pieces and "assistant" in pieces and "There" in pieces, pieces
+    for word in ("are", "three", "shapes", "red", "star", "circle", "triangle", "square"):
+        assert len(tok(" " + word, add_special_tokens=False).input_ids) == 1, word

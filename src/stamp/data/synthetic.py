@@ -428,13 +428,16 @@ class SyntheticScenes:
 
 
 def corpus(n: int = 4000, seed: int = 0) -> list[str]:
-    """Texts of ``n`` training chats (questions and answers), for training the tiny tokenizer."""
-    gen = SyntheticScenes("train", size=n, seed=seed, image_size=224)
+    """Texts of ``n`` training turns, for training the tiny tokenizer: each question and answer
+    (every sample kind, captions included) and the chat template's role names, so that "user",
+    "assistant" and the caption words become whole tokens rather than runs of letters."""
+    weights = {"refer": 0.5, "multi": 0.1, "none": 0.1, "pair": 0.05, "vqa": 0.15, "caption": 0.1}
+    gen = SyntheticScenes("train", size=n, seed=seed, image_size=224, kind_weights=weights)
     texts = []
     for i in range(n):
         rng = gen.rng(i)
         kind = str(rng.choice(gen.kinds, p=gen.kind_p))
         made = getattr(gen, f"_{kind}")(rng, gen.scene(rng))
         if made is not None:
-            texts += [made[0], made[1]]
+            texts += ["user", made[0], "assistant", made[1]]
     return texts
