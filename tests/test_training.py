@@ -10,6 +10,7 @@ import torch
 from stamp.data.collate import StampCollator
 from stamp.data.synthetic import SyntheticScenes
 from stamp.metrics import SegmentationMetrics
+from stamp.training.module import param_groups
 
 
 @pytest.mark.slow
@@ -69,3 +70,20 @@ def test_train_entry_point_end_to_end(compose_cfg, tmp_path):
     assert (out / "overlays.png").is_file()
     assert (out / "model" / "stamp_head.safetensors").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_lr_multipliers_put_matching_parameters_in_their_own_group():
+    net = torch.nn.Module()
+    net.visual = torch.nn.Linear(2, 2)
+    net.language_model = torch.nn.Linear(2, 2)
+    net.mask_head = torch.nn.Linear(2, 1)
+    net.language_model.bias.requires_grad_(False)
+    groups = param_groups(net, {"visual": 2.0, "mask_head": 2.0, "model": 0.5}, 1e-3)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr == {
+        2e-3: {id(p) for p in (*net.visual.parameters(), *net.mask_head.parameters())},
+        5e-4: {id(net.language_model.weight)},  # the frozen bias is in no group
+    }
+    assert param_groups(net, {}, 1e-3)[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match=r"lr_multipliers.*\['vision_tower'\]"):
+        param_groups(net, {"vision_tower": 2.0}, 1e-3)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from stamp.inference.generate import generate_with_masks
@@ -18,10 +19,31 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
+def param_groups(net: torch.nn.Module, multipliers: Mapping[str, float], lr: float) -> list[dict]:
+    """The trainable parameters in one optimizer group per learning rate (``lr`` times the factor
+    of the first regex in ``multipliers`` that matches the parameter's name, else ``lr``)."""
+    patterns = {key: re.compile(key) for key in multipliers}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    matched = dict.fromkeys(multipliers, 0)
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k, rx in patterns.items() if rx.search(name)), None)
+        if key is not None:
+            matched[key] += 1
+        groups.setdefault(float(multipliers[key]) if key is not None else 1.0, []).append(p)
+    unused = [k for k, n in matched.items() if n == 0]
+    if unused:
+        raise ValueError(f"optimizer.lr_multipliers: no trainable parameter name matches {unused}")
+    return [{"params": ps, "lr": lr * f} for f, ps in groups.items()]
+
+
 class StampLitModule(L.LightningModule):
     """Args:
     model: the model config (``conf/model/*.yaml``), see ``stamp.model.build.build_stamp``.
-    optimizer: a ``_target_`` config of a torch optimizer (``params`` are filled in here).
+    optimizer: a ``_target_`` config of a torch optimizer (``params`` are filled in here), plus
+        ``lr_multipliers``: ``{regex: factor}``; a trainable parameter whose name matches a regex
+        (``re.search``, the first that matches) learns at ``factor`` times ``lr``.
     scheduler: ``warmup_ratio`` (or ``warmup_steps``) of a linear warm-up, then linear decay to 0.
     generation: ``max_new_tokens`` for validation's generated answers.
     """
@@ -65,8 +87,9 @@ class StampLitModule(L.LightningModule):
         return self.validation_step(batch, batch_idx)
 
     def configure_optimizers(self):
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = instantiate(self.hparams.optimizer, params=params)
+        opt_cfg = dict(self.hparams.optimizer)
+        groups = param_groups(self.net, opt_cfg.pop("lr_multipliers", None) or {}, opt_cfg["lr"])
+        optimizer = get_class(opt_cfg.pop("_target_"))(groups, **opt_cfg)
         sched = self.hparams.scheduler or {}
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(sched.get("warmup_steps") or round(sched.get("warmup_ratio", 0.0) * total))
