@@ -84,6 +84,7 @@ def test_ddp_cpu_validation_counts_each_sample_once(tiny_dir, tmp_path, compose_
         "scheduler.warmup_ratio=0",
         "~data.train.kind_weights",
         "+data.train.kind_weights={refer: 1}",
+        "data.train.curriculum=240",  # 3/4 of the 60 x 4 training chats: "segment the <colour> shape"
         "trainer.precision=32-true",  # the single-process check below scores in float32
         "trainer.enable_progress_bar=false",
     ]
