@@ -53,6 +53,7 @@ POSITIONS = {
 POSITION_MARGIN = 12.0  # pixels between the named shape and the runner-up
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+ROLES = ("user", "assistant")  # a chat's turns alternate between them
 KINDS = ("refer", "multi", "none", "pair", "vqa", "caption")
 
 REFER_QUESTIONS = (
@@ -239,10 +240,9 @@ class SyntheticScenes:
             for i in group:
                 m |= shape_masks[i]
             masks.append(m)
-        roles = ("user", "assistant")
         return Sample(
             image=image,
-            messages=[{"role": roles[i % 2], "content": t} for i, t in enumerate(texts)],
+            messages=[{"role": ROLES[i % 2], "content": t} for i, t in enumerate(texts)],
             masks=masks,
             kind=kind,
             id=f"synthetic-{self.split}-{index}",
@@ -439,5 +439,5 @@ def corpus(n: int = 4000, seed: int = 0) -> list[str]:
         kind = str(rng.choice(gen.kinds, p=gen.kind_p))
         made = getattr(gen, f"_{kind}")(rng, gen.scene(rng))
         if made is not None:
-            texts += ["user", made[0], "assistant", made[1]]
+            texts += [ROLES[0], made[0], ROLES[1], made[1]]
     return texts
