@@ -49,6 +49,14 @@ def rle_counts(mask: np.ndarray) -> list[int]:
     return counts
 
 
+def compressed_rle(mask: np.ndarray) -> dict:
+    """A JSON-ready compressed COCO RLE of a boolean mask (``counts`` a string)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def write_image(path: Path, h: int, w: int, seed: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -57,8 +65,6 @@ def write_image(path: Path, h: int, w: int, seed: int = 0) -> None:
 
 def coco_annotations() -> tuple[list[dict], dict[int, np.ndarray]]:
     """COCO annotations in all three segmentation forms, and the mask each must decode to."""
-    from pycocotools import mask as mask_utils
-
     h1, w1 = COCO_IMAGES[1][1:]
     h2, w2 = COCO_IMAGES[2][1:]
     expected = {
@@ -71,7 +77,6 @@ def coco_annotations() -> tuple[list[dict], dict[int, np.ndarray]]:
         # compressed RLE (counts string)
         202: box(h2, w2, (40, 50), (40, 70)),
     }
-    compressed = mask_utils.encode(np.asfortranarray(expected[202].astype(np.uint8)))
     anns = [
         {
             "id": 101,
@@ -103,7 +108,7 @@ def coco_annotations() -> tuple[list[dict], dict[int, np.ndarray]]:
             "category_id": 3,
             "bbox": [40, 40, 30, 10],
             "iscrowd": 0,
-            "segmentation": {"size": [h2, w2], "counts": compressed["counts"].decode("ascii")},
+            "segmentation": compressed_rle(expected[202]),
         },
     ]
     return anns, expected
@@ -203,24 +208,38 @@ def write_playground(root: Path, broken: bool = False) -> dict:
         write_refer(root, name, rs, SPLIT_BY[name])
         (root / "refer_seg" / name / "instances.json").write_text(json.dumps(instances(images, anns)))
 
-    # RefCLEF: saiapr_tc-12 images named by number
+    # RefCLEF as REFER releases it: saiapr_tc-12 images under <folder>/images/<id>.jpg, and every
+    # segmentation a LIST of compressed RLE dicts (one or several pieces, united by getMask)
     clef_h, clef_w = 40, 50
-    write_image(root / SAIAPR_DIR / "25.jpg", clef_h, clef_w, seed=25)
-    clef_ann = {"id": 7001, "image_id": 25, "category_id": 1, "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]}
+    clef_file = "25/images/25386.jpg"
+    write_image(root / SAIAPR_DIR / clef_file, clef_h, clef_w, seed=25)
     expected[7001] = box(clef_h, clef_w, (0, 10), (0, 10))
+    pieces_7002 = [box(clef_h, clef_w, (20, 30), (5, 15)), box(clef_h, clef_w, (25, 38), (10, 45))]
+    expected[7002] = pieces_7002[0] | pieces_7002[1]  # overlapping pieces: their union
+    clef_anns = [
+        {"id": 7001, "image_id": 25386, "category_id": 1, "segmentation": [compressed_rle(expected[7001])]},
+        {
+            "id": 7002,
+            "image_id": 25386,
+            "category_id": 2,
+            "segmentation": [compressed_rle(m) for m in pieces_7002],
+        },
+    ]
     write_refer(
         root,
         "refclef",
         [
-            (0, 7001, 25, "train", ["sky"]),
-            (1, 7001, 25, "val", ["top left corner"]),
-            (2, 7001, 25, "testA", ["corner"]),
-            (3, 7001, 25, "testB", ["square"]),
+            (0, 7001, 25386, "train", ["sky"]),
+            (1, 7002, 25386, "train", ["rocks bottom", "the stones"]),
+            (2, 7001, 25386, "val", ["top left corner"]),
+            (3, 7002, 25386, "val", ["two rocks"]),
+            (4, 7001, 25386, "testA", ["corner"]),
+            (5, 7002, 25386, "testB", ["square"]),
         ],
         "unc",
     )
     (root / "refer_seg/refclef/instances.json").write_text(
-        json.dumps(instances({25: ("25.jpg", clef_h, clef_w)}, [clef_ann]))
+        json.dumps(instances({25386: (clef_file, clef_h, clef_w)}, clef_anns))
     )
 
     # gRefCOCO: ann_id lists, [-1] = no target

@@ -81,7 +81,7 @@ def test_uni_config_mixes_res_three_times_plus_llava(compose_cfg, tmp_path):
     write_playground(root)
     cfg = compose_cfg(["data=uni", f"paths.data_dir={root}"])
     mix = instantiate(cfg.data.train)
-    res = {"refcoco": 4, "refcoco+": 2, "refcocog": 2, "refclef": 1}  # train expressions in the fixture
+    res = {"refcoco": 4, "refcoco+": 2, "refcocog": 2, "refclef": 3}  # train expressions in the fixture
     assert dict(zip(mix.names, mix.lengths, strict=True)) == {
         **{k: 3 * n for k, n in res.items()},
         "llava": 6,

@@ -71,13 +71,78 @@ def test_reasonseg_broken_annotation_is_named(playground, tmp_path):
         (split / name).write_bytes((src / name).read_bytes())
     (split / "img_a.json").write_text("{not json")
     ann = json.loads((src / "img_b.json").read_text())
-    ann["shapes"][0]["shape_type"] = "circle"
+    ann["shapes"][0]["points"] = [[3], [4]]
     (split / "img_b.json").write_text(json.dumps(ann))
     ds = ReasonSegDataset(tmp_path, "val")
-    with pytest.raises(DataError, match=r"cannot parse JSON file .*val/img_a\.json"):
+    with pytest.raises(DataError, match=r"cannot parse JSON file .*val/img_a\.json \(utf-8: .*; cp1252: "):
         ds[0]
-    with pytest.raises(DataError, match=r"img_b\.json: shape 'target' has shape_type 'circle'"):
+    with pytest.raises(DataError, match=r"img_b\.json: shape 'target' needs points as \[\[x, y\], \.\.\.\]"):
         ds[1]
+
+
+def lisa_reference_mask(ann: dict, h: int, w: int) -> np.ndarray:
+    """LISA's get_mask_from_json, written out with OpenCV: areas of the outlined and filled shapes,
+    painted in the reversed argsort order of the areas, 1 = target, 255 = ignore."""
+    import cv2
+
+    kept = [s for s in ann["shapes"] if s["label"].lower() != "flag"]
+    areas = []
+    for s in kept:
+        alone = np.zeros((h, w), dtype=np.uint8)
+        pts = np.array([s["points"]], dtype=np.int32)
+        cv2.polylines(alone, pts, True, 1, 1)
+        cv2.fillPoly(alone, pts, 1)
+        areas.append(alone.sum())
+    out = np.zeros((h, w), dtype=np.uint8)
+    for k in list(np.argsort(areas)[::-1].astype(np.int32)):
+        value = 255 if "ignore" in kept[k]["label"].lower() else 1
+        pts = np.array([kept[k]["points"]], dtype=np.int32)
+        cv2.polylines(out, pts, True, value, 1)
+        cv2.fillPoly(out, pts, value)
+    return out
+
+
+def test_reasonseg_masks_equal_the_reference_opencv_painting(tmp_path):
+    """Sloped polygons (where PIL and OpenCV differ by a row of pixels) and nested shapes listed
+    smallest first: a target inside an ignore region inside a target, as OpenCV paints them."""
+    h, w = 90, 120
+    shapes = [  # smallest first: painting in file order would let the big ones cover the small
+        {"label": "target", "points": [[52.6, 40.2], [60.9, 37.1], [63.3, 47.8], [54.0, 49.5]]},
+        {"label": "ignore", "points": [[40.0, 28.4], [78.7, 31.9], [74.2, 60.6], [43.5, 58.1]]},
+        {"label": "target", "points": [[10.3, 5.8], [110.9, 14.2], [97.1, 83.6], [4.4, 71.7]]},
+        {"label": "Flag", "points": [[0, 0], [119, 0], [119, 89], [0, 89]]},
+        {"label": "target", "points": [[100.2, 60.7], [117.8, 88.1], [85.5, 86.9]]},
+    ]
+    split = tmp_path / "val"
+    split.mkdir()
+    from tests.fixtures_data import write_image
+
+    write_image(split / "slopes.jpg", h, w)
+    (split / "slopes.json").write_text(
+        json.dumps({"text": ["what is sloped?"], "is_sentence": True, "shapes": shapes})
+    )
+    truth = lisa_reference_mask({"shapes": shapes}, h, w)
+    assert set(np.unique(truth)) == {0, 1, 255}
+    s = ReasonSegDataset(tmp_path, "val")[0]
+    np.testing.assert_array_equal(s.masks[0], truth == 1)
+    np.testing.assert_array_equal(s.ignore, truth == 255)
+    assert s.masks[0][45, 58] and s.ignore[35, 50]  # the innermost target survives, inside the ignore ring
+
+
+def test_reasonseg_json_saved_in_cp1252_is_read_as_the_reference_reads_it(playground, tmp_path):
+    root, masks = playground
+    split = tmp_path / "val"
+    split.mkdir()
+    src = root / "reason_seg/ReasonSeg/val"
+    (split / "img_b.jpg").write_bytes((src / "img_b.jpg").read_bytes())
+    ann = json.loads((src / "img_b.json").read_text())
+    ann["text"] = ["the dog\u2019s red cup"]  # a curly apostrophe: byte 0x92 in cp1252
+    raw = json.dumps(ann, ensure_ascii=False).encode("cp1252")
+    assert b"\x92" in raw
+    (split / "img_b.json").write_bytes(raw)
+    s = ReasonSegDataset(tmp_path, "val", prompts="fixed")[0]
+    assert "dog\u2019s red cup" in s.messages[0]["content"]
+    np.testing.assert_array_equal(s.masks[0], masks["reason_b"])
 
 
 def test_llava_conversations_images_and_text_only(playground):

@@ -77,7 +77,7 @@ def test_sentences_and_image_file_names(playground):
     [
         ("refcoco+", {"train": 2, "val": 1, "testA": 1, "testB": 1}),
         ("refcocog", {"train": 2, "val": 1, "test": 1}),
-        ("refclef", {"train": 1, "val": 1, "testA": 1, "testB": 1}),
+        ("refclef", {"train": 3, "val": 2, "testA": 1, "testB": 1}),
     ],
 )
 def test_other_refer_sets(playground, dataset, counts):
@@ -90,6 +90,46 @@ def test_other_refer_sets(playground, dataset, counts):
             assert s.masks[0].any()
     np.testing.assert_array_equal(refer(root, "refclef", "val")[0].masks[0], masks[7001])
     np.testing.assert_array_equal(refer(root, "refcocog", "test")[0].masks[0], masks[202])
+
+
+def reference_refer_mask(ann: dict, h: int, w: int) -> np.ndarray:
+    """How REFER's getMask decodes an annotation: polygons through frPyObjects, otherwise the RLE
+    list handed to pycocotools as is; the pieces summed over the last axis."""
+    from pycocotools import mask as mask_utils
+
+    seg = ann["segmentation"]
+    if isinstance(seg[0], list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = [{**r, "counts": r["counts"].encode()} for r in seg]
+    m = mask_utils.decode(rle)
+    return (m.sum(axis=2) if m.ndim == 3 else m) > 0
+
+
+def test_refclef_release_layout_rle_lists_and_saiapr_names(playground):
+    """RefCLEF's instances.json holds lists of compressed RLE dicts (one or several pieces) and
+    images named <folder>/images/<id>.jpg: every split loads, each mask equals pycocotools'."""
+    root, masks = playground
+    instances = json.loads((root / "refer_seg/refclef/instances.json").read_text())
+    image = instances["images"][0]
+    assert image["file_name"] == "25/images/25386.jpg"
+    anns = {a["id"]: a for a in instances["annotations"]}
+    assert all(isinstance(a["segmentation"][0], dict) for a in anns.values())
+    assert len(anns[7002]["segmentation"]) == 2
+    samples = [
+        refer(root, "refclef", split, prompts="fixed")[i]
+        for split, n in {"train": 3, "val": 2, "testA": 1, "testB": 1}.items()
+        for i in range(n)
+    ]
+    assert [s.id for s in samples] == [
+        "refclef_unc_0_0", "refclef_unc_1_0", "refclef_unc_1_1",
+        "refclef_unc_2_0", "refclef_unc_3_0", "refclef_unc_4_0", "refclef_unc_5_0",
+    ]  # fmt: skip
+    for s in samples:
+        ann = 7002 if s.id.split("_")[2] in ("1", "3", "5") else 7001
+        truth = reference_refer_mask(anns[ann], image["height"], image["width"])
+        np.testing.assert_array_equal(truth, masks[ann])  # the fixture is what pycocotools reads
+        np.testing.assert_array_equal(s.masks[0], truth)
 
 
 def test_repeats_and_seeded_templates(playground):
@@ -202,7 +242,10 @@ def test_corrupt_masks_and_images_raise_naming_the_file(playground, tmp_path):
     ):
         ds[2]
     train = ReferSegDataset(tmp_path / "refer_seg", "refcoco", "train", root / COCO_DIR)
-    with pytest.raises(DataError, match=r"ref 0 \(ann 101\): a polygon must be a flat list of x, y pairs"):
+    with pytest.raises(
+        DataError,
+        match=r"ref 0 \(ann 101\): a segmentation piece must be a polygon \(a flat list of x, y pairs\)",
+    ):
         train[0]
     wrong_dir = ReferSegDataset(root / "refer_seg", "refcoco", "val", tmp_path / "nowhere")
     with pytest.raises(DataError, match=r"image not found: .*nowhere/COCO_train2014_000000000002\.jpg"):

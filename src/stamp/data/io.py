@@ -26,13 +26,22 @@ def load_image(path: str | Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; a missing or malformed file raises ``DataError`` naming it."""
+def read_json(path: str | Path, fallback_encoding: str | None = None) -> Any:
+    """Parse a JSON file as UTF-8 (then as ``fallback_encoding``, if given and UTF-8 fails).
+
+    A missing or malformed file raises ``DataError`` naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot parse JSON file {path}: {e}") from e
+    encodings = ["utf-8"] + ([fallback_encoding] if fallback_encoding else [])
+    errors = []
+    for encoding in encodings:
+        try:
+            with open(path, encoding=encoding) as f:
+                return json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            errors.append(f"{encoding}: {e}")
+        except OSError as e:
+            raise DataError(f"cannot read JSON file {path}: {e}") from e
+    raise DataError(f"cannot parse JSON file {path} ({'; '.join(errors)})")

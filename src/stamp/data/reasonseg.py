@@ -4,18 +4,19 @@
     <root>/{train,val,test}/<name>.json   {"text": [queries], "is_sentence": bool,
                                            "shapes": [{"label", "points": [[x, y], ...], "shape_type"}]}
 
-Shapes are painted largest first (so a smaller shape inside a larger one wins), closed
-polygons with their boundary pixels, points truncated to integers, as in LISA's reference code.
-A label containing "ignore" paints an ignored region (value 255: left out of the metrics and of
-the target), a "flag" shape is skipped, any other label is the target.
+Read as LISA's reference reader reads them: the JSON as UTF-8, falling back to cp1252 (some
+files of the release are saved that way); shapes painted with OpenCV (``polylines`` then
+``fillPoly``, points truncated to integers), largest first, so a smaller shape inside a larger
+one wins. A label containing "ignore" paints an ignored region (value 255: left out of the
+metrics and of the target), a "flag" shape is skipped, any other label is the target.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
-from PIL import Image, ImageDraw
 
 from stamp.data.io import DataError, read_json
 from stamp.data.records import RecordDataset
@@ -24,45 +25,49 @@ SPLITS = ("train", "val", "test")
 IGNORE = 255
 
 
-def shape_points(shape: dict, where: str) -> list[tuple[int, int]]:
-    """Integer vertices of a labelme polygon (or rectangle, given by two corners)."""
-    kind = shape.get("shape_type", "polygon") or "polygon"
+def shape_points(shape: dict, where: str) -> np.ndarray:
+    """A shape's vertices as the reference reads them: int32, truncated toward zero, 1 x n x 2.
+
+    ``shape_type`` is not looked at (LISA's reader paints every shape as a polygon).
+    """
     try:
-        pts = [
-            (int(x), int(y))
-            for x, y in np.asarray(shape["points"], dtype=np.float64).astype(np.int32).tolist()
-        ]
+        pts = np.asarray(shape["points"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{where}: shape {shape.get('label')!r} has no valid points ({e})") from e
-    if kind == "rectangle" and len(pts) == 2:
-        (x0, y0), (x1, y1) = pts
-        return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
-    if kind != "polygon":
-        raise DataError(f"{where}: shape {shape.get('label')!r} has shape_type {kind!r}; expected 'polygon'")
-    if not pts:
-        raise DataError(f"{where}: shape {shape.get('label')!r} has no points")
-    return pts
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
+        raise DataError(
+            f"{where}: shape {shape.get('label')!r} needs points as [[x, y], ...], got shape {pts.shape}"
+        )
+    return pts.astype(np.int32)[None]
 
 
-def paint(points: list[tuple[int, int]], h: int, w: int) -> np.ndarray:
-    """Boolean HxW mask of a closed polygon, boundary pixels included."""
-    im = Image.new("1", (w, h), 0)
-    ImageDraw.Draw(im).polygon(points, fill=1, outline=1)
-    return np.asarray(im, dtype=bool)
+def paint(canvas: np.ndarray, points: np.ndarray, value: int) -> None:
+    """Paint a closed polygon onto ``canvas`` as the reference does: its 1-px outline, then its fill."""
+    cv2.polylines(canvas, points, True, value, 1)
+    cv2.fillPoly(canvas, points, value)
 
 
 def label_map(shapes: list[dict], h: int, w: int, where: str) -> np.ndarray:
-    """uint8 HxW map: 0 background, 1 target, 255 ignore."""
-    filled = []
+    """uint8 HxW map: 0 background, 1 target, 255 ignore, painted as LISA's ``get_mask_from_json``.
+
+    Shapes are painted in decreasing order of their painted area (``np.argsort`` of the areas,
+    reversed, as the reference does, ties included), so a smaller shape nested in a larger one
+    stays visible whichever is listed first.
+    """
+    valid, areas = [], []
     for s in shapes:
         label = str(s.get("label", ""))
-        if label.lower() == "flag":
+        if label.lower() == "flag":  # deprecated annotations, skipped by the reference
             continue
-        m = paint(shape_points(s, where), h, w)
-        filled.append((int(m.sum()), IGNORE if "ignore" in label.lower() else 1, m))
+        pts = shape_points(s, where)
+        alone = np.zeros((h, w), dtype=np.uint8)
+        paint(alone, pts, 1)
+        valid.append((IGNORE if "ignore" in label.lower() else 1, pts))
+        areas.append(int(alone.sum()))
     out = np.zeros((h, w), dtype=np.uint8)
-    for _, value, m in sorted(filled, key=lambda t: -t[0]):  # stable: larger first, then file order
-        out[m] = value
+    for k in np.argsort(areas)[::-1]:
+        value, pts = valid[k]
+        paint(out, pts, value)
     return out
 
 
@@ -107,7 +112,7 @@ class ReasonSegDataset(RecordDataset):
                 "source": str(ann_path),
             }
             try:
-                ann = read_json(ann_path)
+                ann = read_json(ann_path, fallback_encoding="cp1252")
                 texts = ann["text"]
                 texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
                 rec.update(
