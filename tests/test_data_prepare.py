@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -157,12 +158,12 @@ def test_cli_prints_counts_and_is_idempotent(tmp_path, capsys):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr
-    rows = {line.split()[0]: line.split()[1:4] for line in first.stdout.splitlines()[1:]}
+    rows = {line.split()[0]: line.split()[1:5] for line in first.stdout.splitlines()[1:]}
     assert rows == {
-        "grefcoco|unc|train": ["1", "1", "prepared"],
-        "grefcoco|unc|val": ["3", "4", "prepared"],
-        "grefcoco|unc|testA": ["1", "1", "prepared"],
-        "grefcoco|unc|testB": ["1", "1", "prepared"],
+        "grefcoco|unc|train": ["1", "1", "0", "prepared"],
+        "grefcoco|unc|val": ["3", "4", "0", "prepared"],
+        "grefcoco|unc|testA": ["1", "1", "0", "prepared"],
+        "grefcoco|unc|testB": ["1", "1", "0", "prepared"],
     }
     capsys.readouterr()
     again = prepare.run(["data=grefcoco", f"paths.data_dir={root}"], progress=False)
@@ -173,3 +174,68 @@ def test_cli_prints_counts_and_is_idempotent(tmp_path, capsys):
         prepare.run(["data=grefcoco", f"paths.data_dir={root}"], only=["grefcoco|unc|dev"], progress=False)
     only = prepare.run(["data=grefcoco", f"paths.data_dir={root}"], only=["grefcoco_unc_val"], progress=False)
     assert [(r.name, r.status) for r in only] == [("grefcoco|unc|val", "up to date")]
+
+
+def break_refcoco(root: Path) -> None:
+    """Make two refcoco annotations unreadable: a mask of the wrong size (ann 202, val ref 3) and
+    a polygon of odd length (ann 101, train refs 0 and testA ref 5)."""
+    path = root / "refer_seg/refcoco/instances.json"
+    inst = json.loads(path.read_text())
+    for ann in inst["annotations"]:
+        if ann["id"] == 202:
+            ann["segmentation"]["size"] = [10, 10]
+        if ann["id"] == 101:
+            ann["segmentation"] = [[8, 8, 24, 8, 24]]
+    path.write_text(json.dumps(inst))
+
+
+def test_cli_counts_and_names_unreadable_records_and_fails_unless_allowed(tmp_path):
+    root = tmp_path / "data"
+    write_playground(root)
+    break_refcoco(root)
+    args = [str(BIN / "stamp-prepare-data"), "data=refcoco", f"paths.data_dir={root}", "--workers", "1"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 1
+    rows = {line.split()[0]: line.split()[1:5] for line in first.stdout.splitlines()[1:5]}
+    assert rows == {
+        "refcoco|unc|train": ["3", "4", "1", "prepared"],
+        "refcoco|unc|val": ["2", "3", "1", "prepared"],
+        "refcoco|unc|testA": ["1", "1", "1", "prepared"],
+        "refcoco|unc|testB": ["1", "1", "0", "prepared"],
+    }
+    out = first.stdout
+    assert "refcoco|unc|val: 1 unreadable record(s), first 1:" in out
+    assert "refs(unc).p ref 3 (ann 202): RLE mask is 10x10 (HxW) but its image is 56x72" in out
+    assert "refs(unc).p ref 0 (ann 101): a segmentation piece must be a polygon" in out
+    err = first.stderr.strip().splitlines()
+    assert err[-1].startswith("stamp-prepare-data: error: unreadable records in refcoco|unc|train (1), ")
+    assert "Traceback" not in first.stderr
+    # accepted on request; the split is up to date and its errors are still counted
+    second = subprocess.run(args + ["--allow-errors"], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "refcoco|unc|val: 1 unreadable record(s)" in second.stdout and "up to date" in second.stdout
+
+
+def test_train_and_eval_log_unreadable_records_per_source(tmp_path, compose_cfg, caplog):
+    """At start, every source says how many of its records cannot be read (raw or prepared)."""
+    from stamp.data.records import report_unreadable
+
+    root = tmp_path / "data"
+    write_playground(root)
+    break_refcoco(root)
+    cfg = compose_cfg(["data=res_mix", f"paths.data_dir={root}"])
+    with caplog.at_level(logging.INFO, logger="stamp.data.records"):
+        instantiate(cfg.data).setup("fit")  # as stamp-train does at start
+    lines = [r.getMessage() for r in caplog.records if "data train" in r.getMessage()]
+    assert "data train refcoco|unc|train: 1 of 3 records unreadable" in lines[0]  # raw: checked, not decoded
+    assert "refs(unc).p ref 0 (ann 101): a segmentation piece must be a polygon" in lines[0]
+    assert any(m.startswith("data train refcoco+|unc|train: 2 records, none unreadable") for m in lines)
+    assert len(lines) == 4  # refcoco, refcoco+, refcocog, refclef
+    prepare.run(["data=refcoco", f"paths.data_dir={root}"], progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stamp.data.records"):
+        report_unreadable(instantiate(cfg.data.splits.refcoco_val), "refcoco_val")
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("data refcoco_val refcoco|unc|val: 1 of 2 records unreadable")
+    assert "RLE mask is 10x10" in line

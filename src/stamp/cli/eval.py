@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from stamp.cli import CONF_DIR, user_errors
 from stamp.data.collate import StampCollator
+from stamp.data.records import report_unreadable
 from stamp.evaluation import StampScorer, predicted_cells, upsample
 from stamp.inference.generate import generate_with_masks
 from stamp.metrics import SegmentationMetrics
@@ -114,6 +115,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     results = {}
     for split in cfg.data.eval_splits:
         dataset = eval_dataset(cfg.data, split)
+        report_unreadable(dataset, split)
         mask_dir = out_dir / "masks" / split if cfg.save_masks else None
         results[split] = evaluate_split(
             model, processor, dataset, cfg.batch_size, cfg.max_new_tokens, refiner, mask_dir, desc=split

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stamp.data.collate import StampCollator
 from stamp.data.mixing import SkipBadSamples
+from stamp.data.records import report_unreadable
 from stamp.data.resumable import ResumableDataLoader, ResumableSampler
 from stamp.training.distributed import UnpaddedDistributedSampler
 
@@ -66,6 +67,7 @@ class StampDataModule(L.LightningDataModule):
             ds = getattr(self, f"{name}_set")
             if ds is not None:
                 log.info("data %s: %d samples (%s)", name, len(ds), type(ds).__name__)
+                report_unreadable(ds, name)
 
     def _loader(
         self, dataset, batch_size, collate, generator=None, sampler=None, cls=DataLoader

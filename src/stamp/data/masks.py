@@ -56,13 +56,13 @@ def _is_polygon(piece: Any) -> bool:
     )
 
 
-def _rles(seg: Any, h: int, w: int, where: str) -> list[dict]:
-    """The compressed pycocotools RLEs of the pieces of one COCO segmentation (any layout)."""
+def _pieces(seg: Any, h: int, w: int, where: str) -> tuple[list[list[float]], list[dict]]:
+    """(polygons, compressed RLEs) of one COCO segmentation in any layout, checked but not decoded."""
     if is_rle(seg):
-        return [_rle(seg, h, w, where)]
+        return [], [_rle(seg, h, w, where)]
     if not isinstance(seg, list | tuple):
         raise DataError(f"{where}: not a COCO segmentation (polygon list or RLE dict): {str(seg)[:80]}")
-    rles, polys = [], []
+    polys, rles = [], []
     for piece in seg:
         if is_rle(piece):
             rles.append(_rle(piece, h, w, where))
@@ -74,6 +74,19 @@ def _rles(seg: Any, h: int, w: int, where: str) -> list[dict]:
                 f"{where}: a segmentation piece must be a polygon (a flat list of x, y pairs) "
                 f"or an RLE dict with 'size' and 'counts', got {str(piece)[:80]}"
             )
+    return polys, rles
+
+
+def check_segmentations(segs: Sequence[Any], h: int, w: int, where: str = "annotation") -> None:
+    """Raise ``DataError`` if a segmentation is not of a COCO layout or not of size ``h x w``
+    (cheap: nothing is decoded, so a corrupt compressed RLE string still shows only when decoded)."""
+    for seg in segs:
+        _pieces(seg, h, w, where)
+
+
+def _rles(seg: Any, h: int, w: int, where: str) -> list[dict]:
+    """The compressed pycocotools RLEs of the pieces of one COCO segmentation (any layout)."""
+    polys, rles = _pieces(seg, h, w, where)
     return (mask_utils.frPyObjects(polys, h, w) if polys else []) + rles
 
 

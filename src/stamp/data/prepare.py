@@ -7,11 +7,16 @@ The Hydra overrides select a data config as for ``stamp-train``; every real-data
 
     <stem>.jsonl       one record per line, masks as compressed RLE
     <stem>.index.npy   int64 (records x 2): byte offset of each line, texts (samples) per record
-    <stem>.meta.json   format version, raw-file fingerprint, counts; written last (= complete)
+    <stem>.meta.json   format version, raw-file fingerprint, counts (records, samples, unreadable
+                       records and the first reasons); written last (= complete)
 
 Work is split into chunks written by worker processes as ``<stem>.parts/part-NNNNN.jsonl``;
 an interrupted run resumes from the chunks already written. A split whose meta matches the
 raw files is left alone, so re-running is a no-op.
+
+A record that cannot be read (a missing annotation, a mask that does not decode) is kept with
+its reason: the summary counts them per split and names the first few, and the command exits
+non-zero unless ``--allow-errors`` is given.
 """
 
 from __future__ import annotations
@@ -23,14 +28,21 @@ import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
-from stamp.data.records import FORMAT_VERSION, RecordDataset, compact_record, n_texts
+from stamp.data.records import (
+    ERROR_EXAMPLES,
+    FORMAT_VERSION,
+    RecordDataset,
+    compact_record,
+    n_texts,
+    summarize_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +54,21 @@ class Prepared:
     samples: int
     status: str  # "prepared" | "up to date"
     path: Path
+    errors: int = 0  # unreadable records (kept in the prepared form with their reason)
+    error_examples: list[str] = field(default_factory=list)
 
 
 def write_part(records: list[dict], path: Path) -> None:
-    """Compact ``records`` into ``path`` (a JSONL chunk) and ``path``.counts.npy, atomically."""
-    lines, counts = [], []
+    """Compact ``records`` into ``path`` (a JSONL chunk), its ``.counts.npy`` and its
+    ``.errors.json`` (unreadable records: count and first reasons), the chunk last."""
+    lines, counts, compacted = [], [], []
     for rec in records:
         rec = compact_record(rec)
+        compacted.append(rec)
         lines.append(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
         counts.append(n_texts(rec))
     np.save(path.with_suffix(".counts.npy"), np.asarray(counts, dtype=np.int64))
+    path.with_suffix(".errors.json").write_text(json.dumps(summarize_errors(compacted)))
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(lines), encoding="utf-8")
     os.replace(tmp, path)  # the chunk exists only once complete
@@ -64,7 +81,15 @@ def prepare_dataset(
     jsonl, index_path, meta_path = ds.prepared_paths
     meta = None if force else ds.prepared_meta()
     if meta is not None:
-        return Prepared(ds.name, meta["records"], meta["samples"], "up to date", jsonl)
+        return Prepared(
+            ds.name,
+            meta["records"],
+            meta["samples"],
+            "up to date",
+            jsonl,
+            meta["errors"],
+            meta["error_examples"],
+        )
     fingerprint = ds.fingerprint()
     if fingerprint is None:
         missing = [str(p) for p, _ in ds.source_files() if not p.exists()]
@@ -103,18 +128,24 @@ def prepare_dataset(
             bar.update(len(recs))
     bar.close()
     samples = merge_parts([part(k) for k, _ in chunks], jsonl, index_path)
+    errors, examples = 0, []
+    for k, _ in chunks:
+        n, first = json.loads(part(k).with_suffix(".errors.json").read_text())
+        errors, examples = errors + n, (examples + first)[:ERROR_EXAMPLES]
     meta = {
         "version": FORMAT_VERSION,
         "name": ds.name,
         "fingerprint": fingerprint,
         "records": len(records),
         "samples": samples,
+        "errors": errors,
+        "error_examples": examples,
     }
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, meta_path)  # written last: its presence means the prepared form is complete
     shutil.rmtree(parts_dir)
-    return Prepared(ds.name, len(records), samples, "prepared", jsonl)
+    return Prepared(ds.name, len(records), samples, "prepared", jsonl, errors, examples)
 
 
 def merge_parts(parts: list[Path], jsonl: Path, index_path: Path) -> int:
@@ -201,11 +232,28 @@ def run(
             )
         datasets = [ds for ds in datasets if ds.name in only or ds.stem in only]
     results = [prepare_dataset(ds, workers, chunk_size, force, progress) for ds in datasets]
-    width = max(len(r.name) for r in results)
-    print(f"{'split':<{width}}  {'records':>9}  {'samples':>9}  status")
-    for r in results:
-        print(f"{r.name:<{width}}  {r.records:>9}  {r.samples:>9}  {r.status}  {r.path}")
+    print(summary(results))
     return results
+
+
+def summary(results: list[Prepared]) -> str:
+    """A table of the prepared splits (records, samples, unreadable records, status), then the
+    first reasons of each split's unreadable records."""
+    width = max(len(r.name) for r in results)
+    lines = [f"{'split':<{width}}  {'records':>9}  {'samples':>9}  {'errors':>7}  status"]
+    for r in results:
+        lines.append(
+            f"{r.name:<{width}}  {r.records:>9}  {r.samples:>9}  {r.errors:>7}  {r.status}  {r.path}"
+        )
+    for r in results:
+        if r.errors:
+            lines.append(f"{r.name}: {r.errors} unreadable record(s), first {len(r.error_examples)}:")
+            lines += [f"  {reason}" for reason in r.error_examples]
+    return "\n".join(lines)
+
+
+class UnreadableRecords(ValueError):
+    """Some prepared split holds records that cannot be read."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,12 +269,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=1000, help="records per resumable chunk")
     parser.add_argument("--force", action="store_true", help="prepare again even if up to date")
     parser.add_argument(
+        "--allow-errors",
+        action="store_true",
+        help="exit 0 even when some records cannot be read (they are kept, with their reason)",
+    )
+    parser.add_argument(
         "--only", action="append", help="prepare only this split (name or file stem); repeatable"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with user_errors("stamp-prepare-data"):
-        run(args.overrides, args.workers, args.chunk_size, args.force, args.only)
+        results = run(args.overrides, args.workers, args.chunk_size, args.force, args.only)
+        bad = [f"{r.name} ({r.errors})" for r in results if r.errors]
+        if bad and not args.allow_errors:
+            raise UnreadableRecords(
+                f"unreadable records in {', '.join(bad)} (reasons above); training skips them and "
+                "evaluation stops on them. Fix the files, or pass --allow-errors to accept the loss"
+            )
 
 
 if __name__ == "__main__":

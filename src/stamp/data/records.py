@@ -27,13 +27,14 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from stamp.data.io import DataError, load_image
-from stamp.data.masks import encode_rle, union_mask
+from stamp.data.masks import check_segmentations, encode_rle, union_mask
 from stamp.data.prompts import segmentation_chat
 from stamp.data.sample import Sample
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta counts unreadable records; RLE lists (RefCLEF) decode
+ERROR_EXAMPLES = 5  # unreadable records named in a summary
 PROMPT_MODES = ("random", "fixed")
 TEXT_MODES = ("all", "first")
 
@@ -43,6 +44,27 @@ def n_texts(rec: dict) -> int:
     if "texts" not in rec:
         return 1
     return max(len(rec["texts"]), 1 if "error" in rec else 0)
+
+
+def record_error(rec: dict) -> str | None:
+    """Why ``rec`` cannot be read (its ``error``, or a segmentation of the wrong layout or size),
+    or None. Masks are checked, not decoded."""
+    if "error" in rec:
+        return rec["error"]
+    if rec.get("masks") and rec.get("size"):
+        h, w = rec["size"]
+        try:
+            for segs in rec["masks"]:
+                check_segmentations(segs, h, w, rec.get("source", rec["id"]))
+        except DataError as e:
+            return str(e)
+    return None
+
+
+def summarize_errors(records) -> tuple[int, list[str]]:
+    """(number of unreadable records, the first few of their reasons) among ``records``."""
+    reasons = [e for e in map(record_error, records) if e is not None]
+    return len(reasons), reasons[:ERROR_EXAMPLES]
 
 
 def compact_record(rec: dict) -> dict:
@@ -138,6 +160,7 @@ class RecordDataset(Dataset):
         self.limit = None if limit is None else int(limit)
         self._records: Sequence[dict] | None = None
         self._rec_idx = self._text_idx = None
+        self._meta: dict | None = None
         self.from_prepared = False
 
     # -- what a source defines ----------------------------------------------------------------
@@ -218,7 +241,8 @@ class RecordDataset(Dataset):
         """Read the records and build the sample index (done once)."""
         if self._records is not None:
             return
-        if self.prepared_meta() is not None:
+        self._meta = self.prepared_meta()
+        if self._meta is not None:
             jsonl, index_path, _ = self.prepared_paths
             index = np.load(index_path)
             records: Sequence[dict] = JsonlRecords(jsonl, index[:, 0])
@@ -235,6 +259,17 @@ class RecordDataset(Dataset):
         if self.limit is not None:
             rec_idx, text_idx = rec_idx[: self.limit], text_idx[: self.limit]
         self._rec_idx, self._text_idx, self._records = rec_idx, text_idx, records
+
+    def unreadable(self) -> tuple[int, list[str]]:
+        """(records that cannot be read, the first few reasons, each naming its file).
+
+        From the prepared form's meta (every mask was decoded when it was prepared), else from
+        the raw records (their annotations and masks checked, not decoded).
+        """
+        self.load()
+        if self._meta is not None:
+            return int(self._meta["errors"]), list(self._meta["error_examples"])
+        return summarize_errors(self._records)
 
     @property
     def records(self) -> Sequence[dict]:
@@ -307,3 +342,31 @@ class RecordDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def record_sources(dataset) -> list[RecordDataset]:
+    """The ``RecordDataset``s inside ``dataset`` (itself, or the sources of a mixture)."""
+    if isinstance(dataset, RecordDataset):
+        return [dataset]
+    inner = getattr(dataset, "datasets", None)
+    if isinstance(inner, dict):
+        return [ds for d in inner.values() for ds in record_sources(d)]
+    return []
+
+
+def report_unreadable(dataset, role: str) -> None:
+    """Log, per record source of ``dataset``, how many of its records cannot be read."""
+    for ds in record_sources(dataset):
+        n, examples = ds.unreadable()
+        if n:
+            log.warning(
+                "data %s %s: %d of %d records unreadable (training skips them, evaluation stops "
+                "on them); first: %s",
+                role,
+                ds.name,
+                n,
+                ds.num_records,
+                examples[0],
+            )
+        else:
+            log.info("data %s %s: %d records, none unreadable", role, ds.name, ds.num_records)
