@@ -132,6 +132,33 @@ def test_refclef_release_layout_rle_lists_and_saiapr_names(playground):
         np.testing.assert_array_equal(s.masks[0], truth)
 
 
+def test_every_sentence_of_every_ref_is_an_expression(playground, tmp_path):
+    """An evaluation split counts what the reference evaluation scores: every sentence of every
+    ref of the split, an empty or blank one included."""
+    import pickle
+    import shutil
+
+    root, _ = playground
+    shutil.copytree(root / "refer_seg/refcoco", tmp_path / "refer_seg/refcoco")
+    path = tmp_path / "refer_seg/refcoco/refs(unc).p"
+    refs = pickle.loads(path.read_bytes())
+    blank = [
+        {"sent": "", "raw": "", "tokens": [], "sent_id": 90},
+        {"sent": "  ", "raw": " ", "tokens": [], "sent_id": 91},
+    ]
+    refs.append(
+        {
+            **refs[3],
+            "ref_id": 9,
+            "sentences": blank + [{"sent": "box", "raw": "Box", "tokens": ["box"], "sent_id": 92}],
+        }
+    )
+    path.write_bytes(pickle.dumps(refs, protocol=2))
+    ds = ReferSegDataset(tmp_path / "refer_seg", "refcoco", "val", root / COCO_DIR, prompts="fixed")
+    assert len(ds) == sum(len(r["sentences"]) for r in refs if r["split"] == "val") == 6
+    assert [ds[i].id for i in range(3, 6)] == ["refcoco_unc_9_0", "refcoco_unc_9_1", "refcoco_unc_9_2"]
+
+
 def test_repeats_and_seeded_templates(playground):
     root, _ = playground
     one = refer(root, "refcoco", "train", seed=3)

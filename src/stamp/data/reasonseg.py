@@ -116,7 +116,7 @@ class ReasonSegDataset(RecordDataset):
                 texts = ann["text"]
                 texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
                 rec.update(
-                    texts=[t.strip() for t in texts if t.strip()],
+                    texts=[t.strip() for t in texts],  # all, as the reference keeps them
                     shapes=list(ann["shapes"]),
                     kind="reason" if ann.get("is_sentence") else "refer",
                 )

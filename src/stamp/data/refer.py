@@ -48,8 +48,9 @@ def split_records(refs: list, split: str, refs_path: Path) -> list:
 
 
 def ref_texts(ref: dict) -> list[str]:
-    """The non-empty sentences of a ref, in order."""
-    return [s["sent"].strip() for s in ref.get("sentences", []) if str(s.get("sent", "")).strip()]
+    """Every sentence of a ref, in order, stripped: the reference evaluations score each one,
+    an empty sentence included, so a split has exactly their number of expressions."""
+    return [str(s.get("sent", "")).strip() for s in ref.get("sentences", [])]
 
 
 class ReferSegDataset(RecordDataset):
