@@ -25,7 +25,7 @@ def test_train_uni_then_eval_fixture_splits(compose_cfg, tmp_path, caplog):
             "trainer=cpu",
             "logger=csv",
             "trainer.max_steps=5",
-            "data.batch_size=8",
+            "data.batch_size=9",
             "data.num_workers=0",
             "data.eval_batch_size=4",
             "generation.max_new_tokens=4",
@@ -35,7 +35,7 @@ def test_train_uni_then_eval_fixture_splits(compose_cfg, tmp_path, caplog):
     )
     with caplog.at_level(logging.WARNING, logger="stamp.data.mixing"):
         metrics = train(cfg)
-    # 39 training samples (RES x3 + LLaVA) = one epoch in 5 steps of 8: each broken one skipped 3 times
+    # 45 training samples (RES x3 + LLaVA) = one epoch in 5 steps of 9: each broken one skipped 3 times
     assert caplog.text.count("data/skipped") == 6
     assert (
         "COCO_train2014_000000000003.jpg" in caplog.text and "COCO_train2014_000000000004.jpg" in caplog.text

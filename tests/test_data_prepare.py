@@ -26,7 +26,7 @@ def datasets(root: Path, prepared: Path | None) -> list:
     kw = {"prepared_dir": prepared, "seed": 5}
     return [
         ReferSegDataset(root / "refer_seg", "refcoco", "train", root / COCO_DIR, repeats=2, **kw),
-        ReferSegDataset(root / "refer_seg", "refcoco", "val", root / COCO_DIR, prompts="fixed", **kw),
+        ReferSegDataset(root / "refer_seg", "refcoco", "val", root / COCO_DIR, prompt_choice="fixed", **kw),
         GReferSegDataset(root / "refer_seg/grefcoco", "val", root / COCO_DIR, **kw),
         ReasonSegDataset(root / "reason_seg/ReasonSeg", "val", **kw),
         ReasonSegDataset(root / "reason_seg/ReasonSeg", "val", texts="first", **kw),

@@ -10,9 +10,9 @@ import pytest
 
 from stamp.data.io import DataError
 from stamp.data.llava import LlavaDataset
-from stamp.data.prompts import ANSWERS, QUESTIONS
 from stamp.data.reasonseg import ReasonSegDataset
 from stamp.metrics import SegmentationMetrics
+from stamp.model.tokens import SEG_TOKEN
 from tests.fixtures_data import write_playground
 
 
@@ -24,7 +24,7 @@ def playground(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_reasonseg_masks_ignore_and_flag(playground):
     root, masks = playground
-    ds = ReasonSegDataset(root / "reason_seg/ReasonSeg", "val", prompts="fixed")
+    ds = ReasonSegDataset(root / "reason_seg/ReasonSeg", "val", prompt_choice="fixed")
     assert len(ds) == 3  # img_a has two queries, img_b one
     a0, a1, b = ds[0], ds[1], ds[2]
     # flag shape skipped (else everything would be target), float points truncated, boundary
@@ -35,11 +35,11 @@ def test_reasonseg_masks_ignore_and_flag(playground):
     np.testing.assert_array_equal(b.masks[0], masks["reason_b"])
     assert b.ignore is None
     assert (a0.kind, b.kind) == ("reason", "refer")
-    assert a0.messages[0]["content"] == QUESTIONS["reason"][0].format(
-        text="What could you sit on in this room? Explain why."
+    assert a0.messages[0]["content"] == (
+        "What could you sit on in this room? Explain why. Please output the segmentation mask."
     )
-    assert a0.messages[1]["content"] == ANSWERS["reason"][0]
-    assert b.messages[0]["content"] == QUESTIONS["refer"][0].format(text="red cup")
+    assert a0.messages[1]["content"] == f"Sure, {SEG_TOKEN}"
+    assert b.messages[0]["content"] == "Please segment the red cup in this image."
 
 
 def test_reasonseg_ignore_region_is_left_out_of_the_metrics(playground):
@@ -140,7 +140,7 @@ def test_reasonseg_json_saved_in_cp1252_is_read_as_the_reference_reads_it(playgr
     raw = json.dumps(ann, ensure_ascii=False).encode("cp1252")
     assert b"\x92" in raw
     (split / "img_b.json").write_bytes(raw)
-    s = ReasonSegDataset(tmp_path, "val", prompts="fixed")[0]
+    s = ReasonSegDataset(tmp_path, "val", prompt_choice="fixed")[0]
     assert "dog\u2019s red cup" in s.messages[0]["content"]
     np.testing.assert_array_equal(s.masks[0], masks["reason_b"])
 

@@ -10,7 +10,6 @@ import pytest
 
 from stamp.data.grefer import GReferSegDataset
 from stamp.data.io import DataError
-from stamp.data.prompts import ANSWERS, QUESTIONS, phrase
 from stamp.data.refer import ReferSegDataset
 from stamp.model.tokens import SEG_TOKEN
 from tests.fixtures_data import COCO_DIR, SAIAPR_DIR, write_playground
@@ -49,7 +48,7 @@ def refer(root: Path, dataset: str, split: str, **kw) -> ReferSegDataset:
 def test_refcoco_samples_and_masks_pixel_exact(playground, split, expected):
     """Polygons (one and two parts), uncompressed RLE and compressed RLE decode exactly."""
     root, masks = playground
-    ds = refer(root, "refcoco", split, prompts="fixed")
+    ds = refer(root, "refcoco", split, prompt_choice="fixed")
     assert len(ds) == len(expected)
     for i, (sid, ann) in enumerate(expected):
         s = ds[i]
@@ -62,10 +61,10 @@ def test_refcoco_samples_and_masks_pixel_exact(playground, split, expected):
 
 def test_sentences_and_image_file_names(playground):
     root, _ = playground
-    ds = refer(root, "refcoco", "train", prompts="fixed")
+    ds = refer(root, "refcoco", "train", prompt_choice="fixed")
     texts = [ds[i].messages[0]["content"] for i in range(len(ds))]
     assert texts == [
-        QUESTIONS["refer"][0].format(text=t)
+        f"Please segment the {t} in this image."
         for t in ("man on left", "guy in red", "two part thing", "tall box")
     ]
     # the ref's own file_name (with an _<ann_id> suffix) is not used: the image comes from instances.json
@@ -117,7 +116,7 @@ def test_refclef_release_layout_rle_lists_and_saiapr_names(playground):
     assert all(isinstance(a["segmentation"][0], dict) for a in anns.values())
     assert len(anns[7002]["segmentation"]) == 2
     samples = [
-        refer(root, "refclef", split, prompts="fixed")[i]
+        refer(root, "refclef", split, prompt_choice="fixed")[i]
         for split, n in {"train": 3, "val": 2, "testA": 1, "testB": 1}.items()
         for i in range(n)
     ]
@@ -154,7 +153,7 @@ def test_every_sentence_of_every_ref_is_an_expression(playground, tmp_path):
         }
     )
     path.write_bytes(pickle.dumps(refs, protocol=2))
-    ds = ReferSegDataset(tmp_path / "refer_seg", "refcoco", "val", root / COCO_DIR, prompts="fixed")
+    ds = ReferSegDataset(tmp_path / "refer_seg", "refcoco", "val", root / COCO_DIR, prompt_choice="fixed")
     assert len(ds) == sum(len(r["sentences"]) for r in refs if r["split"] == "val") == 6
     assert [ds[i].id for i in range(3, 6)] == ["refcoco_unc_9_0", "refcoco_unc_9_1", "refcoco_unc_9_2"]
 
@@ -200,7 +199,7 @@ def test_missing_annotation_files_are_named(tmp_path):
 
 def test_grefcoco_multi_and_no_target(playground):
     root, masks = playground
-    ds = GReferSegDataset(root / "refer_seg/grefcoco", "val", root / COCO_DIR, prompts="fixed")
+    ds = GReferSegDataset(root / "refer_seg/grefcoco", "val", root / COCO_DIR, prompt_choice="fixed")
     samples = [ds[i] for i in range(len(ds))]
     assert [s.id for s in samples] == [
         "grefcoco_unc_10_0",
@@ -215,15 +214,17 @@ def test_grefcoco_multi_and_no_target(playground):
     for s in samples:
         assert len(s.masks) == 1 and s.messages[-1]["content"].count(SEG_TOKEN) == 1
     # one question family for all kinds (it must not give the answer away); answers say which
-    assert all(
-        s.messages[0]["content"] == QUESTIONS["gref"][0].format(text=phrase(t))
-        for s, t in zip(
-            samples, ["both things", "all objects", "the purple elephant", "the tall box"], strict=True
-        )
-    )
-    assert samples[0].messages[1]["content"] == ANSWERS["multi"][0]
-    assert samples[2].messages[1]["content"] == ANSWERS["none"][0]
-    assert samples[3].messages[1]["content"] == ANSWERS["refer"][0]
+    assert [s.messages[0]["content"] for s in samples] == [
+        "Please segment both things in this image.",
+        "Please segment all objects in this image.",
+        "Please segment the purple elephant in this image.",
+        "Please segment the tall box in this image.",
+    ]
+    assert [s.messages[1]["content"] for s in samples[1:]] == [
+        f"Sure, here they are: {SEG_TOKEN}",
+        f"There is no such object in this image. {SEG_TOKEN}",
+        f"Sure, it is {SEG_TOKEN}",
+    ]
     train = GReferSegDataset(root / "refer_seg/grefcoco", "train", root / COCO_DIR)
     np.testing.assert_array_equal(train[0].masks[0], masks[201] | masks[202])
     assert [

@@ -33,6 +33,9 @@ class StampDataModule(L.LightningDataModule):
             it); epoch ``e`` is permuted by ``seed + e``.
         skip_bad: in training, replace samples whose image or mask is missing or corrupt and
             count them (``batch["skipped"]``); validation and test always fail on them.
+        prompts: the question/answer template set of the real-data sources (a name in
+            ``conf/prompts/`` or a YAML path); the sources read it from the config
+            (``${data.prompts}``), the DataModule only names it in its log.
     """
 
     def __init__(
@@ -49,13 +52,14 @@ class StampDataModule(L.LightningDataModule):
         splits: dict[str, Dataset] | None = None,
         seed: int | None = None,
         skip_bad: bool = True,
+        prompts: str | None = None,
     ) -> None:
         super().__init__()
         self.eval_splits, self.splits = list(eval_splits or []), dict(splits or {})
         self.train_set, self.val_set, self.test_set = train, val, test
         self.processor = processor
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.shuffle, self.seed, self.skip_bad = shuffle, seed, skip_bad
+        self.shuffle, self.seed, self.skip_bad, self.prompts = shuffle, seed, skip_bad, prompts
 
     def setup(self, stage: str | None = None) -> None:
         # Datasets that read their files lazily do it here, in the main process, once - not
@@ -63,6 +67,8 @@ class StampDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(
             stage, ("train", "val", "test")
         )
+        if self.prompts is not None:
+            log.info("data prompts: %s", self.prompts)
         for name in wanted:
             ds = getattr(self, f"{name}_set")
             if ds is not None:

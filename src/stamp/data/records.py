@@ -28,14 +28,14 @@ from torch.utils.data import Dataset
 
 from stamp.data.io import DataError, load_image
 from stamp.data.masks import check_segmentations, encode_rle, union_mask
-from stamp.data.prompts import segmentation_chat
+from stamp.data.prompts import load_prompts
 from stamp.data.sample import Sample
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: meta counts unreadable records; RLE lists (RefCLEF) decode
 ERROR_EXAMPLES = 5  # unreadable records named in a summary
-PROMPT_MODES = ("random", "fixed")
+PROMPT_CHOICES = ("random", "fixed")
 TEXT_MODES = ("all", "first")
 
 
@@ -133,7 +133,9 @@ class RecordDataset(Dataset):
         prepared_dir: where ``stamp-prepare-data`` writes; None = always read the raw files.
         repeats: the dataset is listed this many times; each copy draws its own templates.
         seed: seeds the template choice of sample i as ``(seed, dataset, i)``.
-        prompts: ``random`` (seeded templates, training) or ``fixed`` (the first template, evaluation).
+        prompts: the template set, a name in ``conf/prompts/`` or a path to a YAML file.
+        prompt_choice: ``random`` (seeded templates, training) or ``fixed`` (the first template,
+            evaluation).
         texts: ``all`` (every text of a record is a sample) or ``first`` (only the first).
         limit: keep only the first ``limit`` samples (before repeats); None = all.
     """
@@ -145,18 +147,20 @@ class RecordDataset(Dataset):
         prepared_dir: str | Path | None = None,
         repeats: int = 1,
         seed: int = 0,
-        prompts: str = "random",
+        prompts: str = "default",
+        prompt_choice: str = "random",
         texts: str = "all",
         limit: int | None = None,
     ) -> None:
-        if prompts not in PROMPT_MODES:
-            raise ValueError(f"prompts={prompts!r}; expected one of {PROMPT_MODES}")
+        if prompt_choice not in PROMPT_CHOICES:
+            raise ValueError(f"prompt_choice={prompt_choice!r}; expected one of {PROMPT_CHOICES}")
         if texts not in TEXT_MODES:
             raise ValueError(f"texts={texts!r}; expected one of {TEXT_MODES}")
         if int(repeats) < 1:
             raise ValueError(f"repeats={repeats}; expected a positive integer")
         self.prepared_dir = Path(prepared_dir) if prepared_dir else None
-        self.repeats, self.seed, self.prompts, self.texts = int(repeats), int(seed), prompts, texts
+        self.repeats, self.seed, self.texts = int(repeats), int(seed), texts
+        self.prompts, self.prompt_choice = load_prompts(str(prompts)), prompt_choice
         self.limit = None if limit is None else int(limit)
         self._records: Sequence[dict] | None = None
         self._rec_idx = self._text_idx = None
@@ -298,7 +302,7 @@ class RecordDataset(Dataset):
         return self.records[int(self._rec_idx[base])], int(self._text_idx[base])
 
     def rng(self, index: int) -> np.random.Generator | None:
-        if self.prompts == "fixed":
+        if self.prompt_choice == "fixed":
             return None
         return np.random.default_rng([self.seed, zlib.crc32(self.stem.encode()), index])
 
@@ -330,7 +334,7 @@ class RecordDataset(Dataset):
                 f"annotates it as {rec['size'][1]}x{rec['size'][0]}"
             )
         masks, ignore = self.decode(rec, h, w)
-        question, answer = segmentation_chat(self.family_of(rec), rec["kind"], rec["texts"][t], rng)
+        question, answer = self.prompts.chat(self.family_of(rec), rec["kind"], rec["texts"][t], rng)
         return Sample(
             image=image,
             messages=[{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
