@@ -75,3 +75,25 @@ def test_ignore_region_is_left_out():
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="differ in shape"):
         SegmentationMetrics().update([P1], [np.zeros((3, 4), bool)])
+
+
+def test_scores_do_not_depend_on_how_expressions_are_split_across_processes():
+    """DDP sums each process's states: any split of the expressions gives bit-identical scores."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for k in range(300):
+        g = rng.random((13, 17)) > 0.6 if k % 10 else np.zeros((13, 17), dtype=bool)  # some no-target
+        noise = rng.random((13, 17)) < (rng.random() * 0.5 if k % 20 else 0.0)  # some exact
+        pairs.append((g ^ noise, g))
+    whole = SegmentationMetrics()
+    for p, g in pairs:
+        whole.update([p], [g])
+    for world in (2, 3, 7):
+        parts = [SegmentationMetrics() for _ in range(world)]
+        for i, (p, g) in enumerate(pairs):
+            parts[i % world].update([p], [g])
+        for other in parts[1:]:
+            parts[0].merge_state(other)  # what the sum over processes does
+        a, b = whole.compute(), parts[0].compute()
+        assert 0 < float(a["n_acc"]) < 1 and 0 < float(a["pr@0.5"]) < 1
+        assert {k: float(v) for k, v in a.items()} == {k: float(v) for k, v in b.items()}, world

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-PR_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+PR_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # tenths: compared exactly as integers
+IOU_SCALE = 2**40  # an IoU is summed as round(IoU * IOU_SCALE): integer sums are exact in any order
 
 
 def _as_bool(x) -> torch.Tensor:
@@ -33,6 +34,10 @@ class SegmentationMetrics(Metric):
     * ``ignore`` pixels (e.g. value 255 regions) are removed from P and G before all of this.
 
     Rates over an empty set (e.g. N-acc without no-target expressions) are NaN.
+
+    Every state is a count, so the sums are exact and do not depend on their order: the same
+    expressions split over any number of processes give bit-identical scores. The per-expression
+    IoUs of gIoU are summed in fixed point (``IOU_SCALE``, i.e. to 1e-12 each).
     """
 
     full_state_update = False
@@ -40,8 +45,8 @@ class SegmentationMetrics(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.add_state("iou_sum", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         for name in (
-            "iou_sum",
             "inter",
             "union",
             "count",
@@ -75,11 +80,11 @@ class SegmentationMetrics(Metric):
             if ig is not None:
                 keep = ~_as_bool(ig).to(self.device)
                 p, g = p & keep, g & keep
-            inter = (p & g).sum().double()
-            union = (p | g).sum().double()
+            inter, union = int((p & g).sum()), int((p | g).sum())
             empty_gt, empty_pred = not bool(g.any()), not bool(p.any())
-            iou = torch.ones((), dtype=torch.float64, device=self.device) if union == 0 else inter / union
-            self.iou_sum += iou
+            # IoU = 1 when both are empty; fixed point with exact integer rounding
+            iou_fx = IOU_SCALE if union == 0 else (inter * IOU_SCALE + union // 2) // union
+            self.iou_sum += iou_fx
             self.inter += inter
             self.union += union
             self.count += 1
@@ -89,9 +94,9 @@ class SegmentationMetrics(Metric):
             else:
                 self.target += 1
                 self.target_hit += float(not empty_pred)
-                self.pr += (
-                    iou > torch.tensor(PR_THRESHOLDS, dtype=torch.float64, device=self.device)
-                ).double()
+                # IoU > x, compared exactly: inter / union > tenths / 10
+                above = [float(10 * inter > round(10 * x) * union) for x in PR_THRESHOLDS]
+                self.pr += torch.tensor(above, dtype=torch.float64, device=self.device)
 
     def compute(self) -> dict[str, torch.Tensor]:
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
@@ -100,10 +105,10 @@ class SegmentationMetrics(Metric):
             return a / b if b > 0 else nan
 
         out = {
-            "giou": rate(self.iou_sum, self.count),
+            "giou": rate(self.iou_sum.double() / IOU_SCALE, self.count),
             "ciou": rate(self.inter, self.union)
             if self.union > 0
-            else (nan if self.count == 0 else self.iou_sum * 0 + 1),
+            else (nan if self.count == 0 else torch.ones((), dtype=torch.float64, device=self.device)),
             "n_acc": rate(self.no_target_ok, self.no_target),
             "t_acc": rate(self.target_hit, self.target),
         }
