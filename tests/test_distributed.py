@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from stamp.training.distributed import UnpaddedDistributedSampler, job_argv
 
@@ -68,8 +69,11 @@ def test_ddp_cpu_validation_counts_each_sample_once(tiny_dir, tmp_path, compose_
     process on the same split, and the run must write exactly one output directory.
     """
     from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
 
-    from stamp.cli.eval import evaluate_split
+    from stamp.data.collate import StampCollator
+    from stamp.evaluation import StampScorer
+    from stamp.inference.generate import generate_with_masks
     from stamp.model.checkpoints import load_stamp
 
     overrides = [
@@ -112,15 +116,49 @@ def test_ddp_cpu_validation_counts_each_sample_once(tiny_dir, tmp_path, compose_
     assert (run / "model" / "stamp_head.safetensors").is_file()
     ddp = json.loads((run / "metrics.json").read_text())
 
-    # the same split, scored in this process by the exported model
+    # the same split, scored the way stamp-eval scored it before its test loop: one process, a
+    # plain loop over the exported model
     val = instantiate(compose_cfg(overrides).data.val)
     expressions = sum(len(val[i].masks) for i in range(len(val)))
     assert len(val) == 7 and ddp["val/expressions"] == expressions  # Lightning's sampler would give 8
     model, processor = load_stamp(str(run / "model"))
-    single = evaluate_split(model.eval(), processor, val, batch_size=1, max_new_tokens=12)
-    assert single["ciou"] > 0.0, single  # predictions are not all empty: the comparison means something
+    scorer = StampScorer()
+    with torch.no_grad():
+        for batch in DataLoader(val, batch_size=1, collate_fn=StampCollator(processor, "generate")):
+            rows = generate_with_masks(model.eval(), batch, processor.tokenizer, 12)
+            scorer.update(batch["samples"], rows, batch["grid_hw"])
+    plain = scorer.compute()
+    assert plain["ciou"] > 0.0, plain  # predictions are not all empty: the comparison means something
     for key in ("ciou", "giou", "ciou_cell", "giou_cell", "ciou_oracle", "giou_oracle", "expressions"):
-        assert ddp[f"val/{key}"] == pytest.approx(single[key], abs=1e-6), key
+        assert ddp[f"val/{key}"] == pytest.approx(plain[key], abs=1e-6), key
+
+    # stamp-eval on the exported model takes the run's own validation settings (its .hydra
+    # config: 7 chats, batches of 1, 12 new tokens); in one process and in two (gloo) it writes
+    # the same figures and the same predictions, equal to the plain loop's
+    def stamp_eval(name: str, trainer: str) -> tuple[dict, str]:
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "stamp.cli.eval", f"ckpt={run / 'model'}", f"trainer={trainer}"]
+        cmd += ["save_predictions=true", "trainer.enable_progress_bar=false"]
+        proc = subprocess.run(
+            cmd,
+            cwd=tmp_path,
+            env={**env, "STAMP_RUN_DIR": str(out)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results = json.loads((out / "results.json").read_text())["splits"]
+        return results["val"], (out / "predictions" / "val.jsonl").read_text()
+
+    single, single_predictions = stamp_eval("eval_cpu", "cpu")
+    two, two_predictions = stamp_eval("eval_ddp", "ddp_cpu")
+    assert two == single and two_predictions == single_predictions
+    assert len(single_predictions.splitlines()) == 7
+    for key, value in plain.items():
+        assert single[key] == pytest.approx(value, abs=1e-9), key
+        if f"val/{key}" in ddp:  # reproduces the run's metrics.json (logged as float32)
+            assert single[key] == pytest.approx(ddp[f"val/{key}"], abs=1e-6), key
 
 
 def test_export_is_refused_under_fsdp_before_training():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,6 +16,19 @@ CONF_DIR = os.environ.get("STAMP_CONF_DIR", str(ROOT / "conf"))
 
 if not OmegaConf.has_resolver("stamp_root"):
     OmegaConf.register_new_resolver("stamp_root", lambda: os.environ.get("STAMP_ROOT", str(ROOT)))
+
+
+def path_slug(path: str) -> str:
+    """A folder name for a checkpoint path (relative to the working directory when inside it):
+    ``logs/demo/runs/x/model`` -> ``logs-demo-runs-x-model``."""
+    p = Path(str(path)).expanduser()
+    with suppress(ValueError):  # outside the working directory: the absolute path
+        p = p.resolve().relative_to(Path.cwd().resolve())
+    return "-".join(part for part in p.as_posix().split("/") if part not in ("", ".", "..")) or "checkpoint"
+
+
+if not OmegaConf.has_resolver("stamp_slug"):
+    OmegaConf.register_new_resolver("stamp_slug", path_slug)
 
 
 # Errors that come from what the user asked for (a path, a value), not from a bug.

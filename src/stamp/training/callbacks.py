@@ -34,6 +34,7 @@ class SegmentationScoring(L.Callback):
         self.scorer = StampScorer()
         self.examples = examples
         self.kept: list[tuple] = []
+        self.results: dict[str, float] = {}
 
     def _reset(self, pl_module) -> None:
         self.scorer = self.scorer.to(pl_module.device)
@@ -62,6 +63,7 @@ class SegmentationScoring(L.Callback):
 
     def _log(self, stage: str, pl_module) -> None:
         metrics = self.scorer.compute()
+        self.results = metrics  # full precision (the logged values are float32)
         pl_module.log_dict({f"{stage}/{k}": torch.tensor(v) for k, v in metrics.items()}, sync_dist=False)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
