@@ -3,8 +3,10 @@ W&B worst predictions (the multi-process identity is in tests/test_distributed.p
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +104,41 @@ def test_unknown_split_and_missing_head(compose_cfg, stamp_ckpt, tmp_path):
     (headless / "stamp_head.safetensors").unlink()
     with pytest.raises(ValueError, match="mask head"):
         run(compose_cfg([f"ckpt={headless}", *EVAL, "data.eval_splits=[val]"], "eval"))
+
+
+def test_eval_table_merges_runs_in_the_paper_layout(tmp_path):
+    from stamp.cli.eval_table import main
+
+    def results(name: str, splits: dict) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"ckpt": f"ckpts/{name}", "splits": splits}))
+        return d
+
+    two_b = results(
+        "2b",
+        {
+            "refcoco_val": {"ciou": 0.801, "giou": 0.82},
+            "refcocog_test": {"ciou": 0.7444},
+            "grefcoco_val": {"giou": 0.7, "ciou": 0.65, "n_acc": 0.6, "t_acc": 0.95},
+            "reasonseg_val": {"giou": 0.5, "ciou": 0.45},
+            "val": {"ciou_cell": 0.658, "vqa_acc": 0.813},
+        },
+    )
+    seven_b = results("7b", {"refcoco_val": {"ciou": 0.8123}, "refcoco+_testA": {"ciou": 0.7}})
+    main([str(two_b), str(seven_b / "results.json"), "--out", str(tmp_path / "cmp" / "ablation")])
+    md = (tmp_path / "cmp" / "ablation.md").read_text().splitlines()
+    assert md[0] == (
+        "| checkpoint | refcoco_val ciou | refcoco+_testA ciou | refcocog_test ciou | grefcoco_val giou | "
+        "grefcoco_val ciou | grefcoco_val n_acc | grefcoco_val t_acc | reasonseg_val giou | reasonseg_val ciou | "
+        "val ciou_cell | val vqa_acc |"
+    )
+    assert (
+        md[2]
+        == "| ckpts/2b | 80.10 | - | 74.44 | 70.00 | 65.00 | 60.00 | 95.00 | 50.00 | 45.00 | 65.80 | 81.30 |"
+    )
+    assert md[3] == "| ckpts/7b | 81.23 | 70.00 | - | - | - | - | - | - | - | - | - |"
+    rows = list(csv.reader((tmp_path / "cmp" / "ablation.csv").open()))
+    assert rows[0][0] == "checkpoint" and rows[1][1] == "80.10" and len(rows) == 3
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nowhere")])

@@ -229,3 +229,28 @@ def test_overlays_callback_does_nothing_without_wandb():
     assert cb.count == 0
     with pytest.raises(ValueError, match="every_n_val"):
         WandbOverlays(every_n_val=0)
+
+
+def test_stamp_eval_logs_metrics_and_a_table_of_the_worst_predictions(no_key, compose_cfg, stamp_ckpt):
+    from stamp.cli.eval import run
+
+    cfg = compose_cfg(
+        [f"ckpt={stamp_ckpt}", "logger=wandb", "data.val.size=10", "data.eval_splits=[val]"]
+        + ["batch_size=5", "max_new_tokens=6", "wandb_worst=3"],
+        config="eval",
+    )
+    results = run(cfg)
+    (run_dir,) = offline_runs(Path(cfg.paths.output_dir))
+    history = read_run(run_dir)["history"]
+    assert json.loads(history["eval/val/giou"][-1]) == pytest.approx(results["val"]["giou"])
+    table = {k.split("/")[-1]: json.loads(v[-1]) for k, v in history.items() if k.startswith("eval/val/worst/")}
+    assert table["_type"] == "table-file" and table["nrows"] == 3 and table["ncols"] == 6
+    saved = json.loads((run_dir / "files" / table["path"]).read_text())
+    assert saved["columns"] == ["id", "question", "answer", "mask", "iou", "overlay"]
+    ious = [row[4] for row in saved["data"]]
+    assert ious == sorted(ious) and [row[5] for row in saved["data"]] == ["Image"] * 3
+    overlays = {k.split("/")[-1]: json.loads(v[-1]) for k, v in history.items() if "/worst_overlays/" in k}
+    assert overlays["count"] == 3 and overlays["captions"][0].endswith(f"IoU {ious[0]:.3f}")
+    assert all((run_dir / "files" / f).is_file() for f in overlays["filenames"])
+    predictions = Path(cfg.paths.output_dir) / "predictions"
+    assert not list(predictions.glob("*.jsonl"))  # kept only with save_predictions=true

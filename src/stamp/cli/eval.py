@@ -235,7 +235,8 @@ def finish_split(cfg: DictConfig, split: str, metrics: dict, predictions: Path, 
 
 
 def log_worst(logger, split: str, predictions: list[dict], dataset, n: int) -> None:
-    """A W&B table of the ``n`` worst mask predictions (lowest IoU) with their overlays."""
+    """The ``n`` worst mask predictions (lowest IoU) to W&B: a table (id, question, answer, mask,
+    IoU, overlay) and the overlays as images captioned with their IoU."""
     from lightning.pytorch.loggers import WandbLogger
 
     if not isinstance(logger, WandbLogger) or n <= 0:
@@ -246,14 +247,18 @@ def log_worst(logger, split: str, predictions: list[dict], dataset, n: int) -> N
     from stamp.utils.overlay import overlay_grid
 
     scored = [(m["iou"], r, k) for r in predictions for k, m in enumerate(r.get("masks", []))]
-    rows = []
+    rows, pictures, captions = [], [], []
     for value, r, k in sorted(scored, key=lambda t: (t[0], t[1]["index"], t[2]))[:n]:
         sample = dataset[r["index"]]
         pred = mask_utils.decode({**r["masks"][k]["rle"], "counts": r["masks"][k]["rle"]["counts"].encode()})
         picture = overlay_grid([(sample, r["answer"], [pred.astype(bool)])])
         rows.append([r["id"], r["question"], r["answer"], k + 1, value, wandb.Image(picture)])
+        pictures.append(picture)
+        captions.append(f"{r['id']} mask {k + 1}: IoU {value:.3f}")
     columns = ["id", "question", "answer", "mask", "iou", "overlay"]
     logger.experiment.log({f"eval/{split}/worst": wandb.Table(columns=columns, data=rows)})
+    if pictures:
+        logger.log_image(f"eval/{split}/worst_overlays", pictures, caption=captions)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
