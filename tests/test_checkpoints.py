@@ -165,3 +165,35 @@ def test_released_lora_adapter(tiny_dir, tmp_path, legacy_keys):
 def test_plain_qwen_checkpoint_has_no_mask_head(tiny_dir):
     with pytest.raises(ValueError, match="has no mask head"):
         load_stamp(tiny_dir)
+
+
+def test_released_checkpoint_loads_without_a_report_of_its_mask_head(tiny_dir, tmp_path, capfd, caplog):
+    """transformers' load report named the released mask head (classifier.*) UNEXPECTED although
+    stamp loads it; any other unused or missing weight is still reported."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "STAMP-2B"
+    write_released_full(tiny_dir, ckpt)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        load_stamp(ckpt)
+    out = capfd.readouterr()
+    assert "classifier" not in out.out + out.err + caplog.text
+    assert "UNEXPECTED" not in out.out + out.err
+
+    (weights,) = ckpt.glob("*.safetensors")
+    state = load_file(weights)
+    state["model.extra_probe.weight"] = torch.zeros(3)
+    del state[next(k for k in state if k.endswith("layers.0.mlp.up_proj.weight"))]
+    save_file(state, weights, metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_stamp(ckpt)
+    assert "1 weight(s) not used (unexpected): " in caplog.text and "extra_probe.weight" in caplog.text
+    assert (
+        "1 weight(s) missing (newly initialised): " in caplog.text
+        and "layers.0.mlp.up_proj.weight" in caplog.text
+    )
+    assert "classifier" not in caplog.text

@@ -243,7 +243,9 @@ def test_stamp_eval_logs_metrics_and_a_table_of_the_worst_predictions(no_key, co
     (run_dir,) = offline_runs(Path(cfg.paths.output_dir))
     history = read_run(run_dir)["history"]
     assert json.loads(history["eval/val/giou"][-1]) == pytest.approx(results["val"]["giou"])
-    table = {k.split("/")[-1]: json.loads(v[-1]) for k, v in history.items() if k.startswith("eval/val/worst/")}
+    table = {
+        k.split("/")[-1]: json.loads(v[-1]) for k, v in history.items() if k.startswith("eval/val/worst/")
+    }
     assert table["_type"] == "table-file" and table["nrows"] == 3 and table["ncols"] == 6
     saved = json.loads((run_dir / "files" / table["path"]).read_text())
     assert saved["columns"] == ["id", "question", "answer", "mask", "iou", "overlay"]

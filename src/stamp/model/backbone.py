@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from stamp.model import attention  # noqa: F401  (registers the sdpa_fp32 implementation)
 from stamp.model.tokens import add_stamp_tokens, resize_embeddings
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,6 +68,9 @@ def attn_kwargs(attn_implementation: str, vision_attn_implementation: str | None
     }
 
 
+RELEASED_HEAD_KEYS = re.compile(r"^classifier\.(weight|bias)$")  # loaded by stamp.model.checkpoints
+
+
 def load_backbone(
     name_or_path: str,
     dtype: str | torch.dtype = "float32",
@@ -75,11 +84,13 @@ def load_backbone(
     proc_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     try:
         processor = AutoProcessor.from_pretrained(name_or_path, **proc_kwargs)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
-            name_or_path,
-            dtype=parse_dtype(dtype),
-            **attn_kwargs(attn_implementation, vision_attn_implementation),
-        )
+        with own_load_report():
+            model, info = Qwen2VLForConditionalGeneration.from_pretrained(
+                name_or_path,
+                dtype=parse_dtype(dtype),
+                output_loading_info=True,
+                **attn_kwargs(attn_implementation, vision_attn_implementation),
+            )
     except OSError as e:
         if os.environ.get("HF_HUB_OFFLINE") or not Path(name_or_path).exists():
             raise OSError(
@@ -87,9 +98,37 @@ def load_backbone(
                 "Hugging Face cache); pass a checkpoint directory instead."
             ) from e
         raise
+    report_load(name_or_path, info)
     add_stamp_tokens(processor.tokenizer)
     resize_embeddings(model, len(processor.tokenizer))
     return model, processor
+
+
+@contextmanager
+def own_load_report() -> Iterator[None]:
+    """Silence transformers' load report for one ``from_pretrained`` (``report_load`` replaces it)."""
+    lg = hf_logging.get_logger("transformers.modeling_utils")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def report_load(name_or_path: str, info: dict) -> None:
+    """Warn about weights of the checkpoint the backbone did not use and weights it lacked.
+
+    A released STAMP checkpoint's mask head (``classifier.weight``/``.bias``) is not the
+    backbone's: stamp loads it itself, so it is left out of the report.
+    """
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not RELEASED_HEAD_KEYS.search(k))
+    missing = sorted(info.get("missing_keys", ()))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    for what, keys in (("not used (unexpected)", unexpected), ("missing (newly initialised)", missing),
+                       ("of another shape", mismatched)):  # fmt: skip
+        if keys:
+            log.warning("%s: %d weight(s) %s: %s", name_or_path, len(keys), what, ", ".join(keys[:20]))
 
 
 def build_on_meta(arch: dict[str, Any], extra_tokens: int = 2) -> Qwen2VLForConditionalGeneration:
