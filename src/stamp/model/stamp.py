@@ -162,7 +162,8 @@ class StampModel(nn.Module):
 
     def block_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """Embeddings (N, D) of a mask block: ``<|mask|>`` embedding + the patch features."""
-        mask_emb = self.language_model.embed_tokens.weight[self.mask_token_id]
+        embed = self.language_model.embed_tokens  # called, not indexed: peft may wrap it (new rows)
+        mask_emb = embed(torch.tensor([self.mask_token_id], device=features.device))[0]
         if not self.add_patch_features:
             return mask_emb.expand(features.shape[0], -1)
         return mask_emb + features.to(mask_emb.dtype)
