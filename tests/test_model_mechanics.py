@@ -359,12 +359,17 @@ def test_hybrid_attention_equals_dense(make_model, monkeypatch, settings):
 
 
 def test_hybrid_attention_gradients_equal_dense(make_model):
-    """The backward pass through the spans gives the dense path's gradients (packed rows, LoRA)."""
+    """The backward pass through the spans gives the dense path's gradients (packed rows, LoRA,
+    gradient checkpointing)."""
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]}
-    dense, hybrid, processor = _hybrid_and_dense(make_model, pack_rows=True, lora=lora)
+    dense, hybrid, processor = _hybrid_and_dense(
+        make_model, pack_rows=True, lora=lora, gradient_checkpointing=True
+    )
     batch = StampCollator(processor)(_mixed_batch(processor))
     grads = []
     for model in (dense, hybrid):
+        model.train()  # checkpointing is active in training only (no dropout is configured)
+        assert model.language_model.gradient_checkpointing
         model.zero_grad()
         model(batch).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

@@ -77,7 +77,9 @@ def prefill(model: StampModel, batch: dict) -> State:
     features = model.encode_images(batch.get("pixel_values"), batch.get("image_grid_thw"))
     positions = model.text_positions(batch)
     cache = DynamicCache(config=model.qwen.config.text_config)
-    hidden = model.run_language_model(model.embed(ids, features), positions, _causal(valid), cache)
+    mask = hybrid_spans(valid, [], 0, with_text=True, causal_blocks=False) if model.uses_spans else None
+    mask = _causal(valid) if mask is None else mask  # sdpa_hybrid: each prompt causally, no (L, L) mask
+    hidden = model.run_language_model(model.embed(ids, features), positions, mask, cache)
     nxt = model.qwen.lm_head(hidden[:, -1]).argmax(-1)
     return State(ids, valid, positions, cache, features, ids.shape[1], nxt)
 
