@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from stamp.model.backbone import load_backbone
+from stamp.model.backbone import attn_kwargs, load_backbone, parse_dtype
 from stamp.model.stamp import StampModel
 from stamp.model.tokens import MASK_TOKEN, SEG_TOKEN
 
@@ -94,6 +94,9 @@ def build_stamp(cfg: Mapping[str, Any]) -> tuple[StampModel, Any]:
 
     If the backbone directory is itself a STAMP checkpoint, its mask head is loaded too.
     """
+    if cfg.get("random_weights"):
+        backbone, processor = random_backbone_from(cfg)
+        return stamp_from_backbone(backbone, processor, cfg), processor
     backbone, processor = load_backbone(
         str(cfg["backbone"]),
         dtype=cfg.get("dtype", "float32"),
@@ -107,6 +110,25 @@ def build_stamp(cfg: Mapping[str, Any]) -> tuple[StampModel, Any]:
     if head.is_file():
         load_head(model, head)
     return model, processor
+
+
+def random_backbone_from(cfg: Mapping[str, Any]):
+    """``model.random_weights=true``: the ``arch:`` block's architecture with random weights."""
+    from stamp.model.tiny import random_backbone
+
+    if not cfg.get("arch"):
+        raise ValueError(
+            "model.random_weights=true needs the model config's arch: block (see conf/model/qwen2vl_2b.yaml)"
+        )
+    return random_backbone(
+        cfg["arch"],
+        dtype=parse_dtype(cfg.get("dtype", "float32")),
+        attn_implementation=attn_kwargs(
+            cfg.get("attn_implementation", "sdpa"), cfg.get("vision_attn_implementation")
+        )["attn_implementation"],
+        min_pixels=cfg.get("min_pixels"),
+        max_pixels=cfg.get("max_pixels"),
+    )
 
 
 def load_head(model: StampModel, path: str | Path) -> None:
