@@ -50,7 +50,12 @@ def _bf16_cpu() -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "experiment, extra",
-    [("paper_2b_res", []), ("paper_7b_lora_res", ["model.lora.new_token_rows_only=true"])],
+    [
+        ("paper_2b_res", []),
+        ("paper_7b_lora_res", ["model.lora.new_token_rows_only=true"]),  # copies: +17 GB, > this 24 GB CPU
+        ("paper_2b_res", ["model.attn_implementation=sdpa_hybrid"]),
+    ],
+    ids=["2b", "7b_lora_rows_only", "2b_sdpa_hybrid"],
 )
 def test_paper_experiment_trains_and_validates_on_cpu(tmp_path, experiment, extra):
     """`stamp-train experiment=<paper run>` with 2 language + 2 vision layers, REFER fixture data:
@@ -94,6 +99,6 @@ def test_paper_experiment_trains_and_validates_on_cpu(tmp_path, experiment, extr
     assert math.isfinite(metrics["train/loss"]) and metrics["train/loss_seg"] > 0
     assert metrics["val/expressions"] == 2 and "val/ciou_cell" in metrics
     print(
-        f"\n{experiment}: last step {metrics['perf/step_s']:.1f} s, peak RSS {metrics['perf/peak_rss_gb']:.2f} GB",
+        f"\n{experiment} {' '.join(extra)}: last step {metrics['perf/step_s']:.1f} s, peak RSS {metrics['perf/peak_rss_gib']:.2f} GiB",
         flush=True,
     )

@@ -162,7 +162,7 @@ def write_metrics(path: Path, metrics: dict) -> Path:
 
 class StepPerf(L.Callback):
     """Logs ``perf/step_s`` (wall time of each training step: forward, backward and optimizer)
-    and ``perf/peak_rss_gb`` (the process's peak resident memory so far, as the kernel counts it).
+    and ``perf/peak_rss_gib`` (the process's peak resident memory so far, as the kernel counts it).
     Add it with ``+callbacks.perf._target_=stamp.training.callbacks.StepPerf``."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -170,5 +170,5 @@ class StepPerf(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step_s = time.perf_counter() - self.start
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
-        pl_module.log_dict({"perf/step_s": step_s, "perf/peak_rss_gb": peak_gb}, batch_size=1)
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+        pl_module.log_dict({"perf/step_s": step_s, "perf/peak_rss_gib": peak_gib}, batch_size=1)
