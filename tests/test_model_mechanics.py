@@ -331,6 +331,11 @@ def _hybrid_and_dense(make_model, **settings):
         {"mask_positions": "grid", "pack_rows": True, "mask_attention": "causal"},
         {"mask_positions": "sequential", "pack_rows": False, "mask_attention": "causal"},
         {"mask_positions": "sequential", "pack_rows": True, "train_forward": "two_pass"},
+        {
+            "mask_positions": "grid",
+            "pack_rows": True,
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        },
     ],
 )
 def test_hybrid_attention_equals_dense(make_model, monkeypatch, settings):
