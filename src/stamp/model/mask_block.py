@@ -16,6 +16,10 @@ a boolean ``B x 1 x Q x K`` mask (True = may attend):
   their own block (bidirectional) and nothing of any other block.
 
 Every query also sees itself, so no row is empty (padding rows would otherwise give NaNs).
+
+``hybrid_spans`` states the same rule without a (Q, K) mask, as contiguous query and key ranges
+(``attention.Spans``) for the ``sdpa_hybrid`` attention: each row's text causally, each block
+against its prefix up to its ``<|seg|>`` and itself.
 """
 
 from __future__ import annotations

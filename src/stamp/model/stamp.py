@@ -224,13 +224,12 @@ class StampModel(nn.Module):
         src_row, src_col, valid = pack_plan(keep)
         if src_row.shape[0] == embeds.shape[0]:  # nothing to gain
             return self.run_language_model(embeds, positions, mask)
-        if isinstance(mask, Spans):
-            row_of, col_of = (
-                torch.full_like(keep, -1, dtype=torch.long),
-                torch.full_like(keep, -1, dtype=torch.long),
-            )
-            row_of[src_row[valid], src_col[valid]] = torch.nonzero(valid, as_tuple=True)[0]
-            col_of[src_row[valid], src_col[valid]] = torch.nonzero(valid, as_tuple=True)[1]
+        if isinstance(mask, Spans):  # where each kept token lands among the packed rows
+            packed_row, packed_col = torch.nonzero(valid, as_tuple=True)
+            row_of = torch.full_like(keep, -1, dtype=torch.long)
+            col_of = row_of.clone()
+            row_of[src_row[valid], src_col[valid]] = packed_row
+            col_of[src_row[valid], src_col[valid]] = packed_col
             mask = mask.remap(row_of, col_of)
         else:
             mask = packed_mask(mask, src_row, src_col, valid)
