@@ -1,12 +1,13 @@
 """Training step at the paper's shapes on the CPU: Qwen2-VL-2B widths (2 language + 2 vision
 layers, random weights), one image of N cells whose answer holds K ``<|seg|>``, forward + backward.
 
-Modes, each in its own child process (so that each peak RSS is its own), alternating, medians:
+Modes, each in its own child process (so that each peak RSS is its own), alternating, medians
+over the repeats; each child profiles one untimed warm-up step, then times ``--steps`` steps:
   * ``two_pass``  - the released code's way (sdpa, dense masks), the reference;
   * ``dense``     - fused, one pass under the dense 4-D hybrid mask (``attn_implementation=sdpa``);
   * ``hybrid``    - fused, ``sdpa_hybrid``: the text causal without a mask, each block against its
     prefix and itself only.
-Per mode: s/step, peak RSS, the activations' peak (peak RSS minus the RSS before the first step),
+Per mode: s/step, peak RSS, what the steps add to it (peak RSS minus the RSS before the first step: gradients and activations),
 and the attention's share of the step (scaled-dot-product kernels, forward and backward, in a
 ``torch.profiler`` profile of one step). The FLOP ratios beside them count matrix products only
 (the blocks' linear layers, attention QK^T and AV, x3 for forward + backward;
@@ -59,19 +60,19 @@ def child(mode: str, cells: int, targets: int, steps: int, layers: int, vision_l
         model(batch).loss.backward()
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    share = attention_share(step)  # the profiled step is the warm-up, not timed
     times = []
-    for _ in range(steps + 1):  # the first step warms up
+    for _ in range(steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    share = attention_share(step)
     print(
         json.dumps(
             {
-                "step_s": statistics.median(times[1:]),
+                "step_s": statistics.median(times),
                 "peak_rss_mb": peak / 1024,
-                "activations_mb": (peak - rss_before) / 1024,
+                "grads_acts_mb": (peak - rss_before) / 1024,
                 "attention_share": share,
                 "text_tokens": int(batch["attention_mask"].sum()),
                 "segs": len(batch["seg_targets"]),
@@ -112,7 +113,7 @@ def main() -> None:
     p.add_argument("--targets", default="1,3,5")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--repeats", type=int, default=2, help="child processes per mode and shape")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per child (after one warm-up)")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per child (after a profiled warm-up)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--child", nargs=3, metavar=("MODE", "CELLS", "TARGETS"))
@@ -148,7 +149,7 @@ def main() -> None:
                         speedup,
                         flop_ratio,
                         v["peak_rss_mb"],
-                        v["activations_mb"],
+                        v["grads_acts_mb"],
                         v["attention_share"],
                     ]
                 )
@@ -170,7 +171,7 @@ def main() -> None:
         "two_pass/mode",
         "FLOP ratio",
         "peak RSS MB",
-        "activations MB",
+        "grads+acts MB",
         "attn share",
     ]
     text = table(rows, header)
