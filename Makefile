@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SETUP  := $(VENV)/.setup-done
 TINY   := artifacts/tiny-qwen2vl/config.json
 
-.PHONY: setup demo test test-fast lint format tiny clean
+.PHONY: setup demo test test-fast test-paper lint format tiny clean
 
 setup: $(SETUP)
 
@@ -29,7 +29,11 @@ test: $(SETUP)
 	$(BIN)/python -m pytest
 
 test-fast: $(SETUP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not paper"
+
+# the paper experiments at their real widths (tests/test_paper_shapes.py): ~1 h and ~12 GB on 2 cores
+test-paper: $(SETUP)
+	$(BIN)/python -m pytest -m paper -s
 
 lint: $(SETUP)
 	$(BIN)/ruff check src tests scripts

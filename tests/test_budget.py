@@ -144,3 +144,29 @@ def test_dry_run_cli_for_both_backbones_offline(tiny_dir, tmp_path, compose_cfg)
     assert gib == [round((4 * t + 12 * tr) / GIB, 2) for t, tr in zip(total, trainable, strict=True)]
     assert out.count("EXCLUDING activations") == 2
     assert not list((tmp_path / "logs").rglob("model"))  # nothing trained, nothing exported
+
+
+@pytest.mark.parametrize("rows_only", [False, True])
+def test_dry_run_shows_both_ways_of_training_the_new_tokens(compose_cfg, capsys, rows_only):
+    """7B LoRA: full copies of embed_tokens and lm_head, or only the rows of the two new tokens."""
+    from omegaconf import OmegaConf
+
+    from stamp.model.budget import dry_run
+
+    cfg = compose_cfg(["model=qwen2vl_7b_lora", f"model.lora.new_token_rows_only={str(rows_only).lower()}"])
+    model, trainer = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "trainer"))
+    trainer["precision"], model["dtype"] = "bf16-mixed", "float32"  # as the paper experiments
+    metrics = dry_run(model, trainer)
+    out = capsys.readouterr().out
+    h, v = model["arch"]["hidden_size"], model["arch"]["vocab_size"]
+    full, rows = (
+        metrics["dry_run/trainable_params_full_copies"],
+        metrics["dry_run/trainable_params_rows_only"],
+    )
+    assert full == 1_251_475_456 + h + 1
+    assert full - rows == 2 * v * h - 2 * 2 * h  # two V x H copies -> two rows in each of two matrices
+    assert metrics["dry_run/trainable_params"] == (rows if rows_only else full)
+    # fp32 weights under bf16-mixed: the copies' 4 bytes, and 4 + 8 per trained parameter, go away
+    saved = metrics["dry_run/memory_gib_full_copies"] - metrics["dry_run/memory_gib_rows_only"]
+    assert saved == pytest.approx((4 + 12) * (full - rows) / GIB)
+    assert "only the rows of <|seg|>, <|mask|>" in out and "full copies trained" in out

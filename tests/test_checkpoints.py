@@ -197,3 +197,41 @@ def test_released_checkpoint_loads_without_a_report_of_its_mask_head(tiny_dir, t
         and "layers.0.mlp.up_proj.weight" in caplog.text
     )
     assert "classifier" not in caplog.text
+
+
+@pytest.mark.parametrize("rows_only", [False, True])
+def test_lora_checkpoints_of_either_kind_load_in_segmenter(make_model, tmp_path, rows_only):
+    """LoRA with full copies of embed_tokens / lm_head, or with only the new tokens' rows trained
+    (``lora.new_token_rows_only``): after a training step, the exported checkpoint loads in
+    ``Segmenter`` and gives the trained model's logits."""
+    from stamp.inference import Segmenter
+
+    lora = {
+        "r": 4,
+        "alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["embed_tokens", "lm_head"],
+        "new_token_rows_only": rows_only,
+    }
+    model, processor = make_model(lora=lora)
+    embed = model.language_model.embed_tokens
+    before = embed(torch.arange(model.mask_token_id + 1)).detach().clone()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    copies = [n for n in trainable if "modules_to_save" in n]
+    rows = [n for n in trainable if "trainable_tokens_delta" in n]
+    assert (bool(copies), bool(rows)) == (not rows_only, rows_only), sorted(trainable)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    batch = StampCollator(processor)([square_sample()])
+    model.train()
+    model(batch).loss.backward()
+    opt.step()
+    model.eval()
+    moved = (embed(torch.arange(model.mask_token_id + 1)) - before).abs().amax(-1) > 0
+    new = {model.seg_token_id, model.mask_token_id}
+    assert moved[sorted(new)].all()
+    if rows_only:  # no other row of the embedding can change
+        assert {i for i, m in enumerate(moved.tolist()) if m} <= new
+    save_stamp(model, processor, tmp_path / "ckpt")
+    seg = Segmenter.from_pretrained(tmp_path / "ckpt", device="cpu")
+    for a, b in zip(_logits(model, processor), _logits(seg.model, seg.processor), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

@@ -7,7 +7,7 @@ import torch
 
 from stamp.data.collate import StampCollator
 from stamp.data.synthetic import SyntheticScenes
-from stamp.inference.generate import generate_with_masks
+from stamp.inference.generate import answer_starts, generate_with_masks, mask_forward, prefill
 from stamp.model.mask_block import attention_mask, block_positions, pack_plan
 from stamp.model.tokens import SEG_TOKEN
 from tests.helpers import qwen_inputs, square_sample
@@ -311,3 +311,111 @@ def test_sdpa_fp32_attention(make_model, monkeypatch):
     for x, y in zip(low.mask_logits, ref.mask_logits, strict=True):
         torch.testing.assert_close(x.float(), y, rtol=0, atol=0.1)
     torch.testing.assert_close(low.loss, ref.loss, rtol=0.02, atol=0)
+
+
+# -- sdpa_hybrid: the same rule as spans (no dense mask), equal to the dense path -------------
+
+
+def _hybrid_and_dense(make_model, **settings):
+    dense, processor = make_model(**settings)
+    hybrid, _ = make_model(attn_implementation="sdpa_hybrid", **settings)
+    return dense.eval(), hybrid.eval(), processor
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"mask_positions": "sequential", "pack_rows": False},
+        {"mask_positions": "grid", "pack_rows": False},
+        {"mask_positions": "sequential", "pack_rows": True},
+        {"mask_positions": "grid", "pack_rows": True, "mask_attention": "causal"},
+        {"mask_positions": "sequential", "pack_rows": False, "mask_attention": "causal"},
+        {"mask_positions": "sequential", "pack_rows": True, "train_forward": "two_pass"},
+        {
+            "mask_positions": "grid",
+            "pack_rows": True,
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        },
+    ],
+)
+def test_hybrid_attention_equals_dense(make_model, monkeypatch, settings):
+    """Training forwards under ``sdpa_hybrid`` give the dense path's logits and losses, and no
+    attention call of the language model gets a mask (the text runs with ``is_causal``)."""
+    from stamp.model import attention
+
+    dense, hybrid, processor = _hybrid_and_dense(make_model, **settings)
+    batch = StampCollator(processor)(_mixed_batch(processor))
+    with torch.no_grad():
+        ref = dense(batch, return_lm_logits=True)
+        masks, real = [], attention.sdpa_attention_forward
+
+        def spy(module, q, k, v, mask, **kw):
+            masks.append((mask is None, kw.get("is_causal")))
+            return real(module, q, k, v, mask, **kw)
+
+        monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+        out = hybrid(batch, return_lm_logits=True)
+    assert len(out.mask_logits) == len(batch["seg_targets"]) >= 8
+    _assert_same_outputs(out, ref, batch, atol=1e-4)
+    layers = hybrid.qwen.config.text_config.num_hidden_layers
+    causal_blocks = settings.get("mask_attention") == "causal"
+    assert (True, True) in masks and len(masks) >= layers * (len(out.mask_logits) + 1)
+    assert all(no_mask or causal_blocks for no_mask, _ in masks)
+
+
+def test_hybrid_attention_gradients_equal_dense(make_model):
+    """The backward pass through the spans gives the dense path's gradients (packed rows, LoRA,
+    gradient checkpointing)."""
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]}
+    dense, hybrid, processor = _hybrid_and_dense(
+        make_model, pack_rows=True, lora=lora, gradient_checkpointing=True
+    )
+    batch = StampCollator(processor)(_mixed_batch(processor))
+    grads = []
+    for model in (dense, hybrid):
+        model.train()  # checkpointing is active in training only (no dropout is configured)
+        assert model.language_model.gradient_checkpointing
+        model.zero_grad()
+        model(batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-4, msg=name)
+
+
+def _header(processor) -> list[int]:
+    return processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("attention", ["hybrid", "causal"])
+def test_hybrid_cached_mask_forward_equals_dense(make_model, attention):
+    """Inference under ``sdpa_hybrid`` (the blocks of an answer side by side on its cache row)
+    gives the dense path's mask logits and leaves the cache as long as it was."""
+    dense, hybrid, processor = _hybrid_and_dense(make_model, mask_attention=attention)
+    samples = _mixed_batch(processor)
+    batch = StampCollator(processor, "generate", teacher_forcing=True)(samples)
+    ref = generate_with_masks(dense, batch, processor.tokenizer, teacher_forcing=True)
+    out = generate_with_masks(hybrid, batch, processor.tokenizer, teacher_forcing=True)
+    segs_only = [i for i, r in enumerate(ref) if r.cell_logits]  # every row has a block: no cache copy
+    sub = StampCollator(processor, "generate", teacher_forcing=True)([samples[i] for i in segs_only])
+    state = prefill(hybrid, sub)
+    length = state.cache.get_seq_length()
+    found = hybrid.find_segs(state.ids, state.valid, sub.get("image_grid_thw"))
+    found = [sg for sg in found if sg.pos >= answer_starts(state.ids, _header(processor))[sg.row]]
+    own = mask_forward(hybrid, found, state.features, state.positions, state.valid, state.cache)
+    assert state.cache.get_seq_length() == length
+    want_own = [lg for i in segs_only for lg in ref[i].cell_logits]
+    for a, b in zip(own, want_own, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    got = [lg for r in out for lg in r.cell_logits]
+    want = [lg for r in ref for lg in r.cell_logits]
+    assert len(got) == len(want) >= 8 and max(len(r.cell_logits) for r in out) >= 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    generated = generate_with_masks(
+        hybrid, StampCollator(processor, "generate")(samples[:4]), processor.tokenizer, 6
+    )
+    reference = generate_with_masks(
+        dense, StampCollator(processor, "generate")(samples[:4]), processor.tokenizer, 6
+    )
+    assert [r.text for r in generated] == [r.text for r in reference]

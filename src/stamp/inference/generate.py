@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache
 
-from stamp.model.mask_block import attention_mask
+from stamp.model.mask_block import attention_mask, hybrid_spans
 from stamp.model.stamp import Seg, StampModel
 from stamp.model.tokens import IM_END, SEG_TOKEN
 
@@ -77,7 +77,9 @@ def prefill(model: StampModel, batch: dict) -> State:
     features = model.encode_images(batch.get("pixel_values"), batch.get("image_grid_thw"))
     positions = model.text_positions(batch)
     cache = DynamicCache(config=model.qwen.config.text_config)
-    hidden = model.run_language_model(model.embed(ids, features), positions, _causal(valid), cache)
+    mask = hybrid_spans(valid, [], 0, with_text=True, causal_blocks=False) if model.uses_spans else None
+    mask = _causal(valid) if mask is None else mask  # sdpa_hybrid: each prompt causally, no (L, L) mask
+    hidden = model.run_language_model(model.embed(ids, features), positions, mask, cache)
     nxt = model.qwen.lm_head(hidden[:, -1]).argmax(-1)
     return State(ids, valid, positions, cache, features, ids.shape[1], nxt)
 
@@ -130,6 +132,8 @@ def mask_forward(model: StampModel, segs: list[Seg], features, positions, valid,
     """
     if not segs:
         return []
+    if model.uses_spans:
+        return _mask_forward_spans(model, segs, features, positions, valid, cache)
     rows = torch.tensor([sg.row for sg in segs], device=valid.device)
     cache = rows_of_cache(cache, rows, model.qwen.config.text_config)
     valid, positions = valid[rows], positions[:, rows]
@@ -143,6 +147,33 @@ def mask_forward(model: StampModel, segs: list[Seg], features, positions, valid,
     query_key = (C + torch.arange(Q, device=valid.device)).expand(B, Q)
     mask = model.restrict(attention_mask(key_text, key_group, blk.limit, blk.group, query_key), query_key)
     hidden = model.run_language_model(blk.embeds, blk.positions, mask, cache)
+    return model.read_masks(hidden, segs, blk.starts)
+
+
+def _mask_forward_spans(model: StampModel, segs, features, positions, valid, cache) -> list[torch.Tensor]:
+    """``mask_forward`` under ``sdpa_hybrid``: the blocks of one answer side by side in its row,
+    each attending to its prefix and itself only (``Spans``), so the cache is copied once per
+    answer with a ``<|seg|>`` (not per block), and not at all when every row has one."""
+    rows = sorted({sg.row for sg in segs})
+    own = len(rows) == valid.shape[0]  # every row has a block: run on the caller's cache, then crop it
+    if not own:
+        index = torch.tensor(rows, device=valid.device)
+        cache = rows_of_cache(cache, index, model.qwen.config.text_config)
+        valid, positions = valid[index], positions[:, index]
+    C = valid.shape[1]
+    segs = [replace(sg, row=rows.index(sg.row)) for sg in segs]
+    blk = model.blocks(segs, features, positions, valid.shape[0])
+    blocks = [
+        (sg.row, a, sg.grid_hw[0] * sg.grid_hw[1], sg.pos) for sg, a in zip(segs, blk.starts, strict=True)
+    ]
+    spans = hybrid_spans(valid, blocks, C, with_text=False, causal_blocks=model.mask_attention == "causal")
+    if spans is None:
+        raise ValueError("sdpa_hybrid: a row's cached tokens are not one contiguous run")
+    try:
+        hidden = model.run_language_model(blk.embeds, blk.positions, spans, cache)
+    finally:
+        if own:  # the block tokens were appended to the caller's cache: take them off again
+            cache.crop(-blk.embeds.shape[1])
     return model.read_masks(hidden, segs, blk.starts)
 
 

@@ -200,15 +200,33 @@ def dry_run(model_cfg: Mapping[str, Any], trainer_cfg: Mapping[str, Any]) -> dic
         f"    fp32 master copy  {mem.master / GIB:8.2f} GiB",
         f"    total             {mem.total / GIB:8.2f} GiB  (ZeRO/FSDP shard the states over the GPUs)",
     ]
+    out = {
+        "dry_run/backbone_params": float(backbone_params),
+        "dry_run/params": float(total),
+        "dry_run/trainable_params": float(trainable),
+        "dry_run/memory_gib": mem.total / GIB,
+    }
+    lora = dict(model_cfg.get("lora") or {})
+    if {"embed_tokens", "lm_head"} & set(lora.get("modules_to_save") or []):
+        lines.append("  embed_tokens and lm_head (lora.new_token_rows_only), same estimate:")
+        for rows_only in (False, True):
+            variant, _ = meta_stamp({**model_cfg, "lora": {**lora, "new_token_rows_only": rows_only}})
+            v_total, v_trainable = count_parameters(variant)
+            v_mem = estimate_training_memory(
+                v_total, v_trainable, precision, model_cfg.get("dtype", "float32"), fp32_master
+            )
+            what = "only the rows of <|seg|>, <|mask|>" if rows_only else "full copies trained"
+            lines.append(
+                f"    {str(rows_only).lower():5}  {what:36} parameters {_n(v_total)}, trainable {_n(v_trainable)}, "
+                f"estimate {v_mem.total / GIB:.2f} GiB"
+            )
+            key = "rows_only" if rows_only else "full_copies"
+            out[f"dry_run/trainable_params_{key}"] = float(v_trainable)
+            out[f"dry_run/memory_gib_{key}"] = v_mem.total / GIB
     if mem.low_precision_updates:
         lines.append(
             f"  note: AdamW updates {mem.param_dtype} weights directly (no fp32 master copy); small updates "
             "can be lost. For fp32 master weights use model.dtype=float32 with trainer.precision=bf16-mixed."
         )
     print("\n".join(lines), flush=True)
-    return {
-        "dry_run/backbone_params": float(backbone_params),
-        "dry_run/params": float(total),
-        "dry_run/trainable_params": float(trainable),
-        "dry_run/memory_gib": mem.total / GIB,
-    }
+    return out

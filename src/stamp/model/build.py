@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from stamp.model.backbone import load_backbone
+from stamp.model.backbone import attn_kwargs, load_backbone, parse_dtype
 from stamp.model.stamp import StampModel
 from stamp.model.tokens import MASK_TOKEN, SEG_TOKEN
 
@@ -24,17 +24,28 @@ SETTINGS_FILE = "stamp.json"
 SETTINGS = ("mask_positions", "mask_attention", "add_patch_features")
 
 
-def apply_lora(backbone, lora: Mapping[str, Any]):
-    """Wrap the backbone with peft LoRA adapters (``modules_to_save`` are trained in full)."""
+def apply_lora(backbone, lora: Mapping[str, Any], new_tokens: list[int] = ()):
+    """Wrap the backbone with peft LoRA adapters (``modules_to_save`` are trained in full).
+
+    With ``lora.new_token_rows_only``, ``embed_tokens`` and ``lm_head`` in ``modules_to_save``
+    are not copied and trained whole: only their rows of ``new_tokens`` (``<|seg|>``,
+    ``<|mask|>``) are, through peft's ``trainable_token_indices``.
+    """
     from peft import LoraConfig, get_peft_model
 
+    save = list(lora.get("modules_to_save") or [])
+    rows = {}
+    if lora.get("new_token_rows_only"):
+        rows = {m: list(new_tokens) for m in save if m in ("embed_tokens", "lm_head")}
+        save = [m for m in save if m not in rows]
     config = LoraConfig(
         r=lora["r"],
         lora_alpha=lora["alpha"],
         lora_dropout=lora.get("dropout", 0.0),
         use_rslora=lora.get("use_rslora", False),
         target_modules=list(lora["target_modules"]),
-        modules_to_save=list(lora.get("modules_to_save") or []),
+        modules_to_save=save,
+        trainable_token_indices=rows or None,
         # the vision tower has no module with these names, so only the language model is adapted
     )
     return get_peft_model(backbone, config)
@@ -55,7 +66,7 @@ def stamp_with_token_ids(
     if cfg.get("gradient_checkpointing"):
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.get("lora"):
-        backbone = apply_lora(backbone, cfg["lora"])
+        backbone = apply_lora(backbone, cfg["lora"], [seg_token_id, mask_token_id])
     if cfg.get("freeze_vision"):
         vis = (
             backbone.get_base_model().model.visual
@@ -83,6 +94,9 @@ def build_stamp(cfg: Mapping[str, Any]) -> tuple[StampModel, Any]:
 
     If the backbone directory is itself a STAMP checkpoint, its mask head is loaded too.
     """
+    if cfg.get("random_weights"):
+        backbone, processor = random_backbone_from(cfg)
+        return stamp_from_backbone(backbone, processor, cfg), processor
     backbone, processor = load_backbone(
         str(cfg["backbone"]),
         dtype=cfg.get("dtype", "float32"),
@@ -96,6 +110,25 @@ def build_stamp(cfg: Mapping[str, Any]) -> tuple[StampModel, Any]:
     if head.is_file():
         load_head(model, head)
     return model, processor
+
+
+def random_backbone_from(cfg: Mapping[str, Any]):
+    """``model.random_weights=true``: the ``arch:`` block's architecture with random weights."""
+    from stamp.model.tiny import random_backbone
+
+    if not cfg.get("arch"):
+        raise ValueError(
+            "model.random_weights=true needs the model config's arch: block (see conf/model/qwen2vl_2b.yaml)"
+        )
+    return random_backbone(
+        cfg["arch"],
+        dtype=parse_dtype(cfg.get("dtype", "float32")),
+        attn_implementation=attn_kwargs(
+            cfg.get("attn_implementation", "sdpa"), cfg.get("vision_attn_implementation")
+        )["attn_implementation"],
+        min_pixels=cfg.get("min_pixels"),
+        max_pixels=cfg.get("max_pixels"),
+    )
 
 
 def load_head(model: StampModel, path: str | Path) -> None:

@@ -16,12 +16,17 @@ a boolean ``B x 1 x Q x K`` mask (True = may attend):
   their own block (bidirectional) and nothing of any other block.
 
 Every query also sees itself, so no row is empty (padding rows would otherwise give NaNs).
+
+``hybrid_spans`` states the same rule without a (Q, K) mask, as contiguous query and key ranges
+(``attention.Spans``) for the ``sdpa_hybrid`` attention: each row's text causally, each block
+against its prefix up to its ``<|seg|>`` and itself.
 """
 
 from __future__ import annotations
 
 import torch
 
+from stamp.model.attention import HYBRID, Span, Spans
 from stamp.model.attention import NAME as SDPA_FP32
 
 POSITION_MODES = ("sequential", "grid")
@@ -59,7 +64,7 @@ def to_attention_bias(mask: torch.Tensor, implementation: str, dtype: torch.dtyp
     sdpa (and ``sdpa_fp32``, its float32 form) takes booleans; eager adds the mask to the scores,
     so it needs 0 / -inf floats.
     """
-    if implementation in ("sdpa", SDPA_FP32):
+    if implementation in ("sdpa", SDPA_FP32, HYBRID):
         return mask
     if implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
@@ -133,3 +138,49 @@ def packed_mask(
     own = mask[:, 0][src_row[:, :, None], src_col[:, :, None], src_col[:, None, :]]
     itself = torch.eye(src_row.shape[1], dtype=torch.bool, device=mask.device)[None]
     return ((own & same) | itself)[:, None]
+
+
+# -- the same rule as spans: attention paid only where allowed ------------------------------
+
+
+def text_run(valid_row: list[bool]) -> tuple[int, int] | None:
+    """``[a, b)`` if the row's real tokens are one contiguous run, else None."""
+    cols = [i for i, v in enumerate(valid_row) if v]
+    if not cols or cols[-1] - cols[0] + 1 != len(cols):
+        return None
+    return cols[0], cols[-1] + 1
+
+
+def hybrid_spans(
+    valid: torch.Tensor,
+    blocks: list[tuple[int, int, int, int]],
+    block_offset: int,
+    with_text: bool,
+    causal_blocks: bool,
+) -> Spans | None:
+    """The hybrid rule as spans, or None where a row's text is not one contiguous run.
+
+    ``valid`` (B, C): the text (or cached) keys of each row; ``blocks``: (row, start, length,
+    seg position) of each mask block, ``start`` among the block tokens, which sit at
+    ``block_offset + start`` among the keys; ``with_text``: the text tokens are queries too
+    (training) rather than only cached keys (inference). Queries and keys share columns when
+    ``with_text``; otherwise the queries are the block tokens alone, numbered from 0.
+    """
+    runs = [text_run(r) for r in valid.tolist()]
+    spans = []
+    if with_text:
+        for b, run in enumerate(runs):
+            if run is None:
+                if any(r == b for r, *_ in blocks) or valid[b].any():
+                    return None
+                continue
+            spans.append(Span(b, run[0], run[1], (run,), "causal"))
+    for row, start, n, seg in blocks:
+        run = runs[row]
+        if run is None or not run[0] <= seg < run[1]:
+            return None
+        k0 = block_offset + start
+        q0 = k0 if with_text else start
+        kind = "block_causal" if causal_blocks else "full"
+        spans.append(Span(row, q0, q0 + n, ((run[0], seg + 1), (k0, k0 + n)), kind))
+    return Spans(tuple(spans))

@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stamp.model.attention import HYBRID, Spans
 from stamp.model.losses import seg_loss
 from stamp.model.mask_block import (
     POSITION_MODES,
     attention_mask,
     block_positions,
     causal_only,
+    hybrid_spans,
     pack_plan,
     packed_mask,
     to_attention_bias,
@@ -162,7 +164,8 @@ class StampModel(nn.Module):
 
     def block_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """Embeddings (N, D) of a mask block: ``<|mask|>`` embedding + the patch features."""
-        mask_emb = self.language_model.embed_tokens.weight[self.mask_token_id]
+        embed = self.language_model.embed_tokens  # called, not indexed: peft may wrap it (new rows)
+        mask_emb = embed(torch.tensor([self.mask_token_id], device=features.device))[0]
         if not self.add_patch_features:
             return mask_emb.expand(features.shape[0], -1)
         return mask_emb + features.to(mask_emb.dtype)
@@ -190,9 +193,18 @@ class StampModel(nn.Module):
 
     # -- the language-model call ------------------------------------------------------------
 
+    @property
+    def uses_spans(self) -> bool:
+        """The language model runs ``sdpa_hybrid``: masks are given as ``Spans``, not (Q, K)."""
+        return self.attn_implementation == HYBRID
+
     def run_language_model(self, embeds, positions, mask, cache=None) -> torch.Tensor:
-        """Last hidden states for ``embeds`` (B, Q, D) under a boolean mask (B, 1, Q, K)."""
-        bias = to_attention_bias(mask, self.attn_implementation, embeds.dtype)
+        """Last hidden states for ``embeds`` (B, Q, D) under a boolean mask (B, 1, Q, K) or
+        ``Spans`` (handed to every layer as it is, through the layer-type mapping)."""
+        if isinstance(mask, Spans):
+            bias = dict.fromkeys(("full_attention", "sliding_attention"), mask)
+        else:
+            bias = to_attention_bias(mask, self.attn_implementation, embeds.dtype)
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=bias,
@@ -212,10 +224,17 @@ class StampModel(nn.Module):
         src_row, src_col, valid = pack_plan(keep)
         if src_row.shape[0] == embeds.shape[0]:  # nothing to gain
             return self.run_language_model(embeds, positions, mask)
+        if isinstance(mask, Spans):  # where each kept token lands among the packed rows
+            packed_row, packed_col = torch.nonzero(valid, as_tuple=True)
+            row_of = torch.full_like(keep, -1, dtype=torch.long)
+            col_of = row_of.clone()
+            row_of[src_row[valid], src_col[valid]] = packed_row
+            col_of[src_row[valid], src_col[valid]] = packed_col
+            mask = mask.remap(row_of, col_of)
+        else:
+            mask = packed_mask(mask, src_row, src_col, valid)
         packed = self.run_language_model(
-            embeds[src_row, src_col] * valid[..., None],
-            positions[:, src_row, src_col] * valid,
-            packed_mask(mask, src_row, src_col, valid),
+            embeds[src_row, src_col] * valid[..., None], positions[:, src_row, src_col] * valid, mask
         )
         out = packed.new_zeros(embeds.shape)
         out[src_row[valid], src_col[valid]] = packed[valid]
@@ -290,18 +309,34 @@ class StampModel(nn.Module):
         blk = self.blocks(segs, features, text_pos, B)
         embeds = torch.cat([self.embed(input_ids, features), blk.embeds], 1)
         positions = torch.cat([text_pos, blk.positions], 2)
-        idx = torch.arange(L, device=input_ids.device).expand(B, L)
-        text_index = torch.where(valid, idx, -1)
-        key_text = torch.cat([text_index, torch.full_like(blk.group, -1)], 1)
-        group = torch.cat([torch.full_like(idx, -1), blk.group], 1)
-        limit = torch.cat([text_index, blk.limit], 1)
-        self_index = torch.arange(embeds.shape[1], device=input_ids.device).expand(B, -1)
-        mask = self.restrict(attention_mask(key_text, group, limit, group, self_index), self_index)
+        mask = self.fused_mask(valid, segs, blk)
         if self.pack_rows:
             hidden = self.run_packed(embeds, positions, mask, torch.cat([valid, blk.group >= 0], 1))
         else:
             hidden = self.run_language_model(embeds, positions, mask)
         return hidden[:, :L], self.read_masks(hidden, segs, blk.starts, offset=L)
+
+    def fused_mask(self, valid: torch.Tensor, segs: list[Seg], blk: Blocks) -> torch.Tensor | Spans:
+        """Who sees whom in the fused layout (text (B, L), then the blocks): ``Spans`` under
+        ``sdpa_hybrid`` where they can express it, else the dense (B, 1, T, T) mask."""
+        B, L = valid.shape
+        if self.uses_spans:
+            blocks = [
+                (sg.row, a, sg.grid_hw[0] * sg.grid_hw[1], sg.pos)
+                for sg, a in zip(segs, blk.starts, strict=True)
+            ]
+            spans = hybrid_spans(
+                valid, blocks, L, with_text=True, causal_blocks=self.mask_attention == "causal"
+            )
+            if spans is not None:
+                return spans
+        idx = torch.arange(L, device=valid.device).expand(B, L)
+        text_index = torch.where(valid, idx, -1)
+        key_text = torch.cat([text_index, torch.full_like(blk.group, -1)], 1)
+        group = torch.cat([torch.full_like(idx, -1), blk.group], 1)
+        limit = torch.cat([text_index, blk.limit], 1)
+        self_index = torch.arange(L + blk.group.shape[1], device=valid.device).expand(B, -1)
+        return self.restrict(attention_mask(key_text, group, limit, group, self_index), self_index)
 
     def two_pass(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Reference form: a text pass, then per ``<|seg|>`` a pass over the cut sequence."""

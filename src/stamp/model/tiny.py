@@ -8,7 +8,9 @@ trained on the synthetic corpus.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -22,6 +24,7 @@ from transformers import (
 )
 
 from stamp.data.synthetic import corpus
+from stamp.model.tokens import add_stamp_tokens, resize_embeddings
 
 # Qwen2's pre-tokenisation (split on letters, digits, punctuation and spaces, then byte level).
 PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -161,3 +164,45 @@ def make_tiny(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def random_backbone(
+    arch: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | dict = "sdpa",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    seed: int = 0,
+) -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
+    """A Qwen2-VL of the architecture ``arch`` (a model config's ``arch:`` block) with random
+    weights, and a processor around the tiny model's tokenizer: the paper's widths and depths
+    without a download, for end-to-end runs and benchmarks at real shapes.
+
+    The embedding keeps ``arch``'s vocabulary size (its memory and compute are real); the
+    tokenizer is the small synthetic one, so the special-token ids come from it.
+    """
+    tokenizer = train_tokenizer(corpus(seed=seed))
+    add_stamp_tokens(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids
+    arch = {k: v for k, v in arch.items() if k != "tokenizer_len"}
+    arch.update(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+    )
+    config = Qwen2VLConfig(**arch, attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(dtype)
+    resize_embeddings(model, len(tokenizer))  # grows only if arch's vocabulary is smaller
+    image_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**image_kwargs),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor

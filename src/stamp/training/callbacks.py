@@ -1,8 +1,11 @@
-"""Callbacks: validation scoring with torchmetrics, prediction overlays (files, W&B), a metrics file."""
+"""Callbacks: validation scoring with torchmetrics, prediction overlays (files, W&B), a metrics file,
+step time and peak memory."""
 
 from __future__ import annotations
 
 import json
+import resource
+import time
 import warnings
 from pathlib import Path
 
@@ -157,3 +160,17 @@ def write_metrics(path: Path, metrics: dict) -> Path:
     plain = {k: float(v) for k, v in sorted(metrics.items())}
     path.write_text(json.dumps(plain, indent=2) + "\n")
     return path
+
+
+class StepPerf(L.Callback):
+    """Logs ``perf/step_s`` (wall time of each training step: forward, backward and optimizer)
+    and ``perf/peak_rss_gib`` (the process's peak resident memory so far, as the kernel counts it).
+    Add it with ``+callbacks.perf._target_=stamp.training.callbacks.StepPerf``."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step_s = time.perf_counter() - self.start
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+        pl_module.log_dict({"perf/step_s": step_s, "perf/peak_rss_gib": peak_gib}, batch_size=1)

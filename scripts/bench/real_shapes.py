@@ -1,0 +1,207 @@
+"""Training step at the paper's shapes on the CPU: Qwen2-VL-2B widths (2 language + 2 vision
+layers, random weights), one image of N cells whose answer holds K ``<|seg|>``, forward + backward.
+
+Modes, each in its own child process (so that each peak RSS is its own), alternating, medians
+over the repeats; each child profiles one untimed warm-up step, then times ``--steps`` steps:
+  * ``two_pass``  - the released code's way (sdpa, dense masks), the reference;
+  * ``dense``     - fused, one pass under the dense 4-D hybrid mask (``attn_implementation=sdpa``);
+  * ``hybrid``    - fused, ``sdpa_hybrid``: the text causal without a mask, each block against its
+    prefix and itself only.
+Per mode: s/step, peak RSS, what the steps add to it (peak RSS minus the RSS before the first step: gradients and activations),
+and the attention's share of the step (scaled-dot-product kernels, forward and backward, in a
+``torch.profiler`` profile of one step). The FLOP ratios beside them count matrix products only
+(the blocks' linear layers, attention QK^T and AV, x3 for forward + backward;
+the lm_head, the same in every mode, left out).
+Goals (CPU, N = 1024): hybrid >= 2.7x two_pass at K=3, >= 3.2x at K=5; hybrid's peak below dense.
+
+    PYTHONPATH=src .venv/bin/python scripts/bench/real_shapes.py                # the full grid
+    PYTHONPATH=src .venv/bin/python scripts/bench/real_shapes.py --cells 64 --targets 1 --repeats 1 --steps 1   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from _common import batch_for, machine, random_model, report, table
+
+MODES = {"two_pass": ("sdpa", "two_pass"), "dense": ("sdpa", "fused"), "hybrid": ("sdpa_hybrid", "fused")}
+
+
+def attention_share(step) -> float:
+    """Share of one step's CPU time spent in scaled-dot-product attention kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    attn = sum(
+        e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key or "flash_attention" in e.key
+    )
+    return attn / max(total, 1)
+
+
+def child(mode: str, cells: int, targets: int, steps: int, layers: int, vision_layers: int) -> None:
+    attn, forward = MODES[mode]
+    model, processor = random_model("2b", attn=attn, cells=cells, layers=layers, vision_layers=vision_layers)
+    model.train_forward = forward
+    model.train()
+    batch = batch_for(processor, "cpu", cells, targets, train=True)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(batch).loss.backward()
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    share = attention_share(step)  # the profiled step is the warm-up, not timed
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "step_s": statistics.median(times),
+                "peak_rss_mb": peak / 1024,
+                "grads_acts_mb": (peak - rss_before) / 1024,
+                "attention_share": share,
+                "text_tokens": int(batch["attention_mask"].sum()),
+                "segs": len(batch["seg_targets"]),
+            }
+        )
+    )
+
+
+def flops(cells: int, targets: int, text: int, layers: int, vision_layers: int) -> dict[str, float]:
+    """Forward + backward FLOPs of the matrix products each mode computes (2B widths; ``text``
+    tokens of chat): under a dense 4-D mask every query-key entry, under ``sdpa_hybrid`` only
+    the allowed ones (the text's causal half, each block against its prefix and itself)."""
+    h, inter, heads, kv, head_dim = 1536, 8960, 12, 2, 128
+    vis_dim, patches = 1280, 4 * cells
+    lm_token = 2 * (h * (heads + 2 * kv) * head_dim + heads * head_dim * h + 3 * h * inter)
+    vis_token = 2 * (4 * vis_dim * vis_dim + 2 * vis_dim * 4 * vis_dim)
+    merger = 2 * (4 * vis_dim * 4 * vis_dim + 4 * vis_dim * h) * cells
+    attn_pair = 4 * heads * head_dim  # QK^T and AV per query-key pair and layer
+    vision = vision_layers * (vis_token * patches + 4 * vis_dim * patches**2) + merger
+    seg_at = [text - 2 - 6 * (targets - 1 - k) for k in range(targets)]  # where each <|seg|> roughly sits
+
+    def lm(tokens: int, pairs: float) -> float:
+        return layers * (lm_token * tokens + attn_pair * pairs)
+
+    total_tokens = text + targets * cells
+    dense = vision + lm(total_tokens, total_tokens**2)
+    allowed = text * (text + 1) / 2 + sum(cells * (s + 1 + cells) for s in seg_at)
+    hybrid = vision + lm(total_tokens, allowed)
+    two_pass = vision + lm(text, text**2)  # under sdpa's 4-D masks every entry is computed
+    for s in seg_at:  # a pass over the sequence cut after the <|seg|>, plus its block
+        two_pass += vision + lm(s + 1 + cells, (s + 1 + cells) ** 2)
+    return {"two_pass": 3 * two_pass, "dense": 3 * dense, "hybrid": 3 * hybrid}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default="256,1024")
+    p.add_argument("--targets", default="1,3,5")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--repeats", type=int, default=2, help="child processes per mode and shape")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per child (after a profiled warm-up)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--child", nargs=3, metavar=("MODE", "CELLS", "TARGETS"))
+    a = p.parse_args()
+    if a.child:
+        return child(a.child[0], int(a.child[1]), int(a.child[2]), a.steps, a.layers, a.vision_layers)
+    modes = a.modes.split(",")
+    results, rows = [], []
+    for cells in (int(c) for c in a.cells.split(",")):
+        for k in (int(t) for t in a.targets.split(",")):
+            runs = {m: [] for m in modes}
+            for _ in range(a.repeats):
+                for m in modes:
+                    args = ["--steps", str(a.steps), "--layers", str(a.layers)]
+                    args += ["--vision-layers", str(a.vision_layers), "--child", m, str(cells), str(k)]
+                    out = subprocess.run(
+                        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
+                    )
+                    runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            med = {m: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for m, rs in runs.items()}
+            text = int(next(iter(med.values()))["text_tokens"])
+            fl = flops(cells, k, text, a.layers, a.vision_layers)
+            ref = med.get("two_pass")
+            for m, v in med.items():
+                speedup = ref["step_s"] / v["step_s"] if ref else float("nan")
+                flop_ratio = fl["two_pass"] / fl[m]
+                rows.append(
+                    [
+                        cells,
+                        k,
+                        m,
+                        v["step_s"],
+                        speedup,
+                        flop_ratio,
+                        v["peak_rss_mb"],
+                        v["grads_acts_mb"],
+                        v["attention_share"],
+                    ]
+                )
+                results.append(
+                    {
+                        "cells": cells,
+                        "targets": k,
+                        "mode": m,
+                        **v,
+                        "speedup_vs_two_pass": speedup,
+                        "flop_ratio": flop_ratio,
+                    }
+                )
+    header = [
+        "N",
+        "K",
+        "mode",
+        "s/step",
+        "two_pass/mode",
+        "FLOP ratio",
+        "peak RSS MB",
+        "grads+acts MB",
+        "attn share",
+    ]
+    text = table(rows, header)
+    goals = {}
+    for cells, k, goal in ((1024, 3, 2.7), (1024, 5, 3.2)):
+        got = {r["mode"]: r for r in results if (r["cells"], r["targets"]) == (cells, k)}
+        if {"hybrid", "two_pass", "dense"} <= set(got):
+            h, d = got["hybrid"], got["dense"]
+            goals[f"N{cells}_K{k}"] = {
+                "speedup": h["speedup_vs_two_pass"],
+                "goal": goal,
+                "met": h["speedup_vs_two_pass"] >= goal and h["peak_rss_mb"] < d["peak_rss_mb"],
+            }
+            text += f"\nN={cells} K={k}: hybrid {h['speedup_vs_two_pass']:.2f}x two-pass (goal >= {goal}x), "
+            text += f"peak RSS {h['peak_rss_mb']:.0f} vs dense {d['peak_rss_mb']:.0f} MB"
+    report(
+        text,
+        {
+            "bench": "real_shapes",
+            "layers": a.layers,
+            "vision_layers": a.vision_layers,
+            "steps": a.steps,
+            "repeats": a.repeats,
+            "results": results,
+            "goals": goals,
+            "machine": machine(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    main()
