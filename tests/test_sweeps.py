@@ -511,3 +511,16 @@ def test_optuna_failed_trials_are_recorded(tmp_path):
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert (results["n_trials"], results["complete"], results["failed"]) == (2, 0, 2)
     assert "best_params" not in results
+
+
+def test_submitit_job_refuses_lightning_launched_ranks(monkeypatch):
+    import lightning as L
+
+    from stamp.training.distributed import check_submitit_launch
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    check_submitit_launch(trainer)  # outside submitit: Lightning may start the ranks
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    with pytest.raises(ValueError, match=r"hydra/launcher=slurm job with trainer.devices=2.*tasks_per_node"):
+        check_submitit_launch(trainer)
+    check_submitit_launch(L.Trainer(accelerator="cpu", devices=1, logger=False))  # one rank: fine

@@ -43,13 +43,13 @@ class OptunaPruning(L.Callback):
         if trainer.sanity_checking or self.pruned_at is not None:
             return
         step = trainer.global_step
+        if self.metric not in trainer.callback_metrics:  # on every rank, so that none waits below
+            raise ValueError(
+                f"optimized_metric={self.metric!r} was not logged at validation (step {step}); "
+                f"logged: {sorted(trainer.callback_metrics)}"
+            )
         prune = False
         if trainer.is_global_zero:
-            if self.metric not in trainer.callback_metrics:
-                raise ValueError(
-                    f"optimized_metric={self.metric!r} was not logged at validation (step {step}); "
-                    f"logged: {sorted(trainer.callback_metrics)}"
-                )
             value = float(trainer.callback_metrics[self.metric])
             self.last_value = value
             trial = self.trial()
