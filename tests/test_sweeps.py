@@ -464,7 +464,9 @@ def test_optuna_study_prunes_a_hopeless_trial_and_resumes(tiny_dir, tmp_path):
         *SMALL_JOB,
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",  # validations at steps 2 and 4
-        "data.val.size=4",
+        "data.batch_size=2",
+        "data.val.size=2",
+        "data.eval_batch_size=2",
     ]
     run_cli("stamp-train", *search, "hydra.sweeper.n_trials=2", cwd=tmp_path)
     storage = str(sweep / "optuna.journal")
