@@ -224,7 +224,12 @@ class StampOptunaSweeper(Sweeper):
                 break
             trials = [study.ask(space) for _ in range(min(self.n_jobs, missing))]
             batch = [self._job_overrides(t, fixed, study.study_name, spec) for t in trials]
-            self.validate_batch_is_legal(batch)
+            try:
+                self.validate_batch_is_legal(batch)  # a config error: stop here, not in every job
+            except Exception:
+                for trial in trials:
+                    study.tell(trial, state=TrialState.FAIL)  # not left `running` in the storage
+                raise
             try:
                 returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
             except Exception as e:  # the launcher lost the jobs (killed, timed out): count them failed
