@@ -526,3 +526,22 @@ def test_submitit_job_refuses_lightning_launched_ranks(monkeypatch):
     with pytest.raises(ValueError, match=r"hydra/launcher=slurm job with trainer.devices=2.*tasks_per_node"):
         check_submitit_launch(trainer)
     check_submitit_launch(L.Trainer(accelerator="cpu", devices=1, logger=False))  # one rank: fine
+
+
+def test_launcher_configs_compose(compose_cfg):
+    cfg = compose_cfg(
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.gpus_per_node=4",
+            "trainer=ddp",
+            "trainer.devices=${hydra.launcher.gpus_per_node}",
+            "trainer.num_nodes=${hydra.launcher.nodes}",
+        ]
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.tasks_per_node == 4 and cfg.trainer.devices == 4 and cfg.trainer.num_nodes == 2
+    local = compose_cfg(["hydra/launcher=local_processes", "hparams_search=optuna"]).hydra
+    assert local.launcher._target_.endswith("submitit_launcher.LocalLauncher")
+    assert local.sweeper._target_.endswith("stamp_optuna_sweeper.sweeper.StampOptunaSweeper")
