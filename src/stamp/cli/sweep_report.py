@@ -1,8 +1,12 @@
-"""``stamp-sweep-report``: tabulate and plot the jobs of a Hydra multirun (``stamp-train -m ...``).
+"""``stamp-sweep-report``: tabulate and plot the jobs of a sweep: a Hydra multirun
+(``stamp-train -m ...``) or an Optuna study (``stamp-train hparams_search=optuna ...``).
 
-Every job dir of a sweep holds ``.hydra/overrides.yaml`` (its settings) and, once its run has
-finished, ``metrics.json``. The report writes ``sweep.md`` (one row per job, the swept settings as
-columns, then the metrics, best first) and ``sweep.png`` (the first metric per job).
+Every job dir of a multirun holds ``.hydra/overrides.yaml`` (its settings) and, once its run has
+finished, ``metrics.json``. An Optuna study is read from its storage (``--storage URL --study
+NAME``, or found from the sweep dir's ``optimization_results.yaml`` / ``multirun.yaml``): one row
+per trial with its parameters, its state (complete, pruned at step N, failed, running), and the
+metrics of its job dir when that is at hand. The report writes ``sweep.md`` (one row per job, the
+swept settings as columns, then the metrics, best first) and ``sweep.png`` (the first metric).
 """
 
 from __future__ import annotations
@@ -16,21 +20,36 @@ from pathlib import Path
 import yaml
 
 from stamp.cli import user_errors
+from stamp.utils.studies import TRIAL_KEY
 
 DEFAULT_METRIC = "val/ciou_cell"
 
 
 @dataclass
 class Job:
-    """One job of a sweep: its dir, its command-line overrides and its metrics (None = failed)."""
+    """One job of a sweep: its dir, its command-line overrides and its metrics (None = failed).
+
+    ``state``: ``ok``, ``failed``, or for an Optuna trial also ``pruned`` (``stopped_at``: the
+    step of its last reported value) and ``running``.
+    """
 
     dir: Path
     overrides: dict[str, str]
     metrics: dict[str, float] | None
+    state: str = "ok"
+    stopped_at: int | None = None
 
     @property
     def failed(self) -> bool:
         return self.metrics is None
+
+    @property
+    def status(self) -> str:
+        if self.state == "pruned":
+            return "pruned" if self.stopped_at is None else f"pruned at step {self.stopped_at}"
+        if self.state == "ok" and self.failed:
+            return "failed (no metrics.json)"
+        return self.state
 
     def value(self, metric: str) -> float | None:
         return None if self.metrics is None else self.metrics.get(metric)
@@ -46,6 +65,7 @@ class Sweep:
     common: dict[str, str] = field(default_factory=dict)  # overrides every job shares
     optimized_metric: str | None = None  # from the sweep's multirun.yaml
     direction: str | None = None  # "maximize" | "minimize", when the sweeper says
+    study: str | None = None  # "<study name> in <storage>" for an Optuna study
 
     def metric_names(self) -> list[str]:
         return sorted({k for j in self.jobs if j.metrics for k in j.metrics})
@@ -66,6 +86,8 @@ def parse_overrides(path: Path) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = str(item).partition("=")
+        if key.lstrip("+").startswith(f"{TRIAL_KEY}."):
+            continue  # which Optuna trial the job ran: the trial number says it
         out[key] = value if sep else ""  # `~key` (a deletion) has no value
     return out
 
@@ -76,8 +98,18 @@ def _job_order(job_dir: Path, root: Path) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
-def load_sweep(sweep_dir: str | Path) -> Sweep:
-    """Read every job of ``sweep_dir``: each sub-dir (or sub-sub-dir) with ``.hydra/overrides.yaml``."""
+def load_sweep(sweep_dir: str | Path | None, storage: str | None = None, study: str | None = None) -> Sweep:
+    """Read a sweep: the Optuna study ``study`` in ``storage`` when given, or the one the
+    sweep dir names; else every job of ``sweep_dir`` (each sub-dir, or sub-sub-dir, with
+    ``.hydra/overrides.yaml``)."""
+    if (storage is None) != (study is None):
+        raise ValueError("give both --storage and --study (or neither, to read the sweep dir)")
+    if storage is None and sweep_dir is not None:
+        storage, study = study_of(Path(sweep_dir))
+    if storage is not None:
+        return load_study(storage, study, sweep_dir)
+    if sweep_dir is None:
+        raise ValueError("give a sweep dir, or --storage and --study for an Optuna study")
     root = Path(sweep_dir)
     if not root.exists():
         raise FileNotFoundError(f"sweep dir {root} does not exist")
@@ -128,14 +160,96 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     return sweep
 
 
+def _read_yaml(path: Path) -> dict:
+    cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def study_of(sweep_dir: Path) -> tuple[str | None, str | None]:
+    """(storage, study name) of the Optuna study an ``hparams_search=optuna`` sweep dir ran, from
+    its ``optimization_results.yaml`` or ``multirun.yaml``; (None, None) for another sweep."""
+    results = _read_yaml(sweep_dir / "optimization_results.yaml")
+    if results.get("storage") and results.get("study_name"):
+        return str(results["storage"]), str(results["study_name"])
+    sweeper = (_read_yaml(sweep_dir / "multirun.yaml").get("hydra") or {}).get("sweeper") or {}
+    storage, name = sweeper.get("storage"), sweeper.get("study_name")
+    if "stamp_optuna_sweeper" in str(sweeper.get("_target_")) and storage and name:
+        return str(storage), str(name)
+    return None, None
+
+
+def load_study(storage: str, study_name: str, sweep_dir: str | Path | None = None) -> Sweep:
+    """One job per trial of Optuna study ``study_name``: its parameters, its state, and its
+    metrics (the job dir's ``metrics.json`` when ``sweep_dir/<trial number>`` holds one, else the
+    value the trial told the study, under the study's ``optimized_metric``)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from stamp.utils.studies import open_storage
+
+    if "://" not in storage and not Path(storage).expanduser().is_file():
+        raise FileNotFoundError(f"storage {storage!r} is neither an RDB URL nor an existing journal file")
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError as e:
+        raise ValueError(f"study {study_name!r} is not in storage {storage!r}") from e
+    root = Path(sweep_dir) if sweep_dir is not None else Path(".")
+    metric = study.user_attrs.get("optimized_metric") or DEFAULT_METRIC
+    states = {
+        TrialState.COMPLETE: "ok",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+    }
+    jobs = []
+    for t in study.get_trials(deepcopy=False):
+        state = states[t.state]
+        metrics = None
+        if state in ("ok", "pruned"):
+            metrics = {}
+            value = (
+                t.value
+                if state == "ok"
+                else (t.intermediate_values.get(t.last_step) if t.last_step is not None else None)
+            )
+            if value is not None:
+                metrics[metric] = float(value)
+            metrics_file = root / str(t.number) / "metrics.json"
+            if sweep_dir is not None and metrics_file.is_file():
+                metrics.update({str(k): float(v) for k, v in json.loads(metrics_file.read_text()).items()})
+                if value is not None:
+                    metrics[metric] = float(value)  # the value the study holds (pruned: last report)
+        overrides = {k: str(v) for k, v in t.params.items()}
+        jobs.append(
+            Job(root / str(t.number), overrides, metrics, state, t.last_step if state == "pruned" else None)
+        )
+    if not jobs:
+        raise ValueError(f"study {study_name!r} in {storage!r} has no trials yet")
+    swept = list(dict.fromkeys(k for t in study.get_trials(deepcopy=False) for k in t.distributions))
+    return Sweep(
+        root,
+        jobs,
+        swept,
+        {},
+        optimized_metric=metric,
+        direction=study.direction.name.lower(),
+        study=f"{study_name} in {storage}",
+    )
+
+
+_STATE_ORDER = {"ok": 0, "pruned": 1, "running": 2, "waiting": 2, "failed": 3}
+
+
 def ranked(sweep: Sweep, metric: str, maximize: bool) -> list[Job]:
-    """Jobs best first by ``metric``; jobs without the value (failed, or not logged) last."""
+    """Jobs best first by ``metric``: finished ones, then pruned trials (by their last value),
+    then those without the value (failed, running, or not logged)."""
 
     def key(job: Job) -> tuple:
         v = job.value(metric)
         if v is None or math.isnan(v):
-            return (1, 0.0)
-        return (0, -v if maximize else v)
+            return (2, 0, 0.0)
+        return (0 if job.state == "ok" else 1, _STATE_ORDER.get(job.state, 3), -v if maximize else v)
 
     return sorted(sweep.jobs, key=key)  # stable: ties keep the job order
 
@@ -173,8 +287,9 @@ def sweep_table(sweep: Sweep, metrics: list[str], maximize: bool | None = None) 
     header = ["job", *sweep.swept, *metrics, "status"]
     rows = []
     for job in ranked(sweep, metrics[0], maximize):
-        status = "failed (no metrics.json)" if job.failed else "ok"
-        cells = ["failed" if job.failed else _cell(job.value(m)) for m in metrics]
+        status = job.status
+        missing = "failed" if job.state == "ok" else job.state  # no metrics: failed, or still running
+        cells = [missing if job.failed else _cell(job.value(m)) for m in metrics]
         rows.append(
             [
                 job.dir.relative_to(sweep.dir).as_posix(),
@@ -234,11 +349,13 @@ def plot_sweep(sweep: Sweep, metric: str, ax=None):
         ax.legend(fontsize=8)
     else:
         values = [j.value(metric) for j in sweep.jobs]
-        bars = ax.bar(range(len(sweep.jobs)), [v or 0.0 for v in values], color="tab:blue")
+        colors = ["tab:gray" if j.state == "pruned" else "tab:blue" for j in sweep.jobs]
+        bars = ax.bar(range(len(sweep.jobs)), [v or 0.0 for v in values], color=colors)
         ax.bar_label(bars, labels=[_cell(v) if v is not None else "" for v in values], fontsize=7)
         for i, v in enumerate(values):
             if v is None:
-                ax.text(i, 0, "failed", rotation=90, ha="center", va="bottom", color="red", fontsize=8)
+                label = "failed" if sweep.jobs[i].state == "ok" else sweep.jobs[i].state
+                ax.text(i, 0, label, rotation=90, ha="center", va="bottom", color="red", fontsize=8)
         ax.set_xticks(range(len(sweep.jobs)), [job_label(j, keys) for j in sweep.jobs], fontsize=7)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per job ({sweep.dir.name})", fontsize=9)
@@ -246,18 +363,23 @@ def plot_sweep(sweep: Sweep, metric: str, ax=None):
 
 
 def write_report(
-    sweep_dir: str | Path,
+    sweep_dir: str | Path | None,
     metrics: list[str] | None = None,
     out: str | Path | None = None,
     maximize: bool | None = None,
+    storage: str | None = None,
+    study: str | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``sweep.md`` and ``sweep.png`` for the multirun in ``sweep_dir``; return their paths.
+    """Write ``sweep.md`` and ``sweep.png`` for the multirun in ``sweep_dir`` (or the Optuna
+    study ``study`` in ``storage``); return their paths.
 
     ``metrics``: the first sorts the table and is plotted; default the sweep's optimized_metric.
     """
     import matplotlib.pyplot as plt
 
-    sweep = load_sweep(sweep_dir)
+    if sweep_dir is None and out is None:
+        raise ValueError("reading a study without its sweep dir: give --out for sweep.md and sweep.png")
+    sweep = load_sweep(sweep_dir, storage, study)
     metrics = list(metrics or [sweep.optimized_metric or DEFAULT_METRIC])
     check_metrics(sweep, metrics)
     if maximize is None:
@@ -265,10 +387,14 @@ def write_report(
     out_dir = Path(out) if out is not None else sweep.dir
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = [j for j in sweep.jobs if j.failed]
+    counts = ""
+    if sweep.study:
+        pruned = sum(j.state == "pruned" for j in sweep.jobs)
+        counts = f", {pruned} pruned"
     lines = [
-        f"# Sweep {sweep.dir}",
+        f"# Sweep {sweep.study or sweep.dir}",
         "",
-        f"{len(sweep.jobs)} jobs, {len(failed)} failed; sorted by {metrics[0]} "
+        f"{len(sweep.jobs)} jobs, {sum(j.state != 'pruned' for j in failed)} failed{counts}; sorted by {metrics[0]} "
         f"({'higher' if maximize else 'lower'} is better).",
     ]
     if sweep.common:
@@ -287,7 +413,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="stamp-sweep-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("sweep_dir", help="a multirun dir, e.g. logs/train/multiruns/<date>")
+    parser.add_argument(
+        "sweep_dir",
+        nargs="?",
+        help="a multirun dir, e.g. logs/train/multiruns/<date> (an hparams_search=optuna one is "
+        "read through its study)",
+    )
+    parser.add_argument("--storage", help="an Optuna study's storage: RDB URL or journal file")
+    parser.add_argument("--study", help="the study's name (with --storage)")
     parser.add_argument(
         "--metric",
         action="append",
@@ -309,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
 
     matplotlib.use("Agg")  # files only; no display needed
     with user_errors(parser.prog):
-        md, png = write_report(args.sweep_dir, args.metric, args.out, args.maximize)
+        md, png = write_report(args.sweep_dir, args.metric, args.out, args.maximize, args.storage, args.study)
     print(md)
     print(png)
 

@@ -14,9 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from stamp.cli import CONF_DIR
 from stamp.model.build import save_stamp
-from stamp.training.distributed import check_export, end_distributed_job, pin_run_dir_for_children
+from stamp.training.distributed import (
+    check_export,
+    check_submitit_launch,
+    end_distributed_job,
+    pin_run_dir_for_children,
+)
 from stamp.training.module import StampLitModule
 from stamp.training.resume import resolve_ckpt_path
+from stamp.training.search import pruning_callback
 from stamp.training.tracking import finish_wandb, log_run_config, wandb_init_args
 
 log = logging.getLogger(__name__)
@@ -47,13 +53,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # nothing to report a learning rate to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    pruning = pruning_callback(cfg)  # a trial of an Optuna search reports to its study
+    if pruning is not None:
+        callbacks.append(pruning)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_export(trainer, bool(cfg.get("export")))
+    check_submitit_launch(trainer)
     launch_env = pin_run_dir_for_children()  # the ranks a ddp launcher starts write to this run's dir
     failed = True
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if pruning is not None and pruning.pruned_at is not None:
+            import optuna
+
+            failed = False
+            raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")  # the sweeper records it
         if cfg.get("export") and trainer.is_global_zero:
             out = save_stamp(module.net, module.processor, Path(cfg.paths.output_dir) / "model")
             log.info("exported the trained model to %s", out)

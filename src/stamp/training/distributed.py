@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from torch.utils.data import Dataset, DistributedSampler
 
 RUN_DIR_ENV = "STAMP_RUN_DIR"  # read by conf/hydra/default.yaml (hydra.run.dir)
+SUBMITIT_ENV = "SUBMITIT_EXECUTOR"  # set by submitit in its jobs: "slurm" or "local"
 _VALUE_FLAGS = ("-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir")
 _MULTIRUN_FLAGS = ("-m", "--multirun")
 _LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", RUN_DIR_ENV)
@@ -83,7 +84,8 @@ def pin_run_dir_for_children() -> dict[str, str | None]:
         return before
     hc = HydraConfig.get()
     os.environ[RUN_DIR_ENV] = hc.runtime.output_dir
-    if hc.mode == RunMode.MULTIRUN:
+    if hc.mode == RunMode.MULTIRUN and not os.environ.get(SUBMITIT_ENV):
+        # (under submitit, sys.argv is submitit's and the launcher starts every rank itself)
         # Lightning re-runs sys.argv; this is the one place it reads the job's command line from.
         sys.argv[:] = job_argv(sys.argv, list(hc.overrides.task))
     return before
@@ -118,4 +120,23 @@ def check_export(trainer, export: bool) -> None:
             "export=true with trainer=fsdp: rank 0 holds only a shard of each parameter after training, "
             "so the exported model would be incomplete. Set export=false; the checkpoint "
             "(checkpoints/last.ckpt, state_dict_type: full) holds the whole model."
+        )
+
+
+def check_submitit_launch(trainer) -> None:
+    """Refuse, before training, a job of a submitit launcher whose strategy would start more ranks.
+
+    Lightning's ``ddp`` launcher starts the other ranks by running the command line again; in a
+    submitit job that command line is submitit's, not ``stamp-train``'s. On SLURM, srun starts
+    every rank (``hydra.launcher.tasks_per_node`` = GPUs per node) and Lightning only joins them.
+    """
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    executor = os.environ.get(SUBMITIT_ENV)
+    if executor and isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+        raise ValueError(
+            f"hydra/launcher={'slurm' if executor == 'slurm' else 'local_processes'} job with "
+            f"trainer.devices={trainer.num_devices}: Lightning would start the other ranks itself. "
+            "With hydra/launcher=slurm set hydra.launcher.tasks_per_node to the GPUs per node "
+            "(srun starts one rank per GPU); with local_processes give each job one device"
         )
