@@ -13,6 +13,7 @@ $(SETUP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip uninstall --quiet --yes hydra-optuna-sweeper  # replaced by stamp's own sweeper (optuna 5)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(SETUP)
 
