@@ -18,6 +18,7 @@ from stamp.training.distributed import check_export, end_distributed_job, pin_ru
 from stamp.training.module import StampLitModule
 from stamp.training.resume import resolve_ckpt_path
 from stamp.training.tracking import finish_wandb, log_run_config, wandb_init_args
+from stamp.utils.config import check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model, trainer = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "trainer"))
         return dry_run(model, trainer)
     ckpt_path = resolve_ckpt_path(cfg)
+    check_arguments(cfg.data, "data")
     L.seed_everything(cfg.seed, workers=True)
     module = StampLitModule(cfg.model, cfg.optimizer, cfg.scheduler, cfg.generation)
     datamodule = instantiate(cfg.data, processor=module.processor)
