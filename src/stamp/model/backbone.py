@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.utils import is_flash_attn_2_available
 
 from stamp.model import attention  # noqa: F401  (registers the sdpa_fp32 implementation)
 from stamp.model.tokens import add_stamp_tokens, resize_embeddings
 
+log = logging.getLogger(__name__)
+FLASH_IF_INSTALLED = "flash_if_installed"  # flash_attention_2 where flash-attn can run, else sdpa
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,14 +47,26 @@ def check_source(name_or_path: str) -> None:
         )
 
 
+def vision_attention(name: str | None) -> str | None:
+    """``name``, or for ``flash_if_installed`` the implementation that runs here (logged):
+    ``flash_attention_2`` when flash-attn is installed and usable, else ``sdpa``."""
+    if name != FLASH_IF_INSTALLED:
+        return name
+    chosen = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    why = "" if chosen == "flash_attention_2" else " (flash-attn is not installed or has no CUDA device)"
+    log.info("model.vision_attn_implementation=%s: the vision encoder uses %s%s", name, chosen, why)
+    return chosen
+
+
 def attn_kwargs(attn_implementation: str, vision_attn_implementation: str | None) -> dict[str, Any]:
     """Attention implementations per sub-model. The language model must honour a 4-D mask."""
+    vision_attn_implementation = vision_attention(vision_attn_implementation)
     if "flash" in attn_implementation:
         raise ValueError(
             f"model.attn_implementation={attn_implementation!r}: flash-attention ignores the 4-D hybrid "
             "mask that STAMP's mask block needs (it would silently train a causal block). Use 'sdpa' or "
             "'eager' (or 'sdpa_fp32') for the language model; flash-attention may be used for the vision encoder with "
-            "model.vision_attn_implementation=flash_attention_2."
+            "model.vision_attn_implementation=flash_attention_2 (or flash_if_installed)."
         )
     if vision_attn_implementation in (None, attn_implementation):
         return {"attn_implementation": attn_implementation}
