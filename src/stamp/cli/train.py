@@ -55,6 +55,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     failed = True
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if ckpt_path and not validated(trainer) and trainer.limit_val_batches != 0:
+            # resumed after its last step (killed during the final validation, or a finished run
+            # started again by auto_resume): nothing was left to train, so validate the model now
+            log.info("training ended at step %d; validating the trained model", trainer.global_step)
+            trainer.validate(module, datamodule=datamodule)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("export") and trainer.is_global_zero:
             out = save_stamp(module.net, module.processor, Path(cfg.paths.output_dir) / "model")
@@ -64,6 +69,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finish_wandb(loggers, failed)  # each job of a multirun logs into its own W&B run
         end_distributed_job(launch_env)  # the next job of a multirun starts its own process group
     return metrics
+
+
+def validated(trainer: L.Trainer) -> bool:
+    """Whether this process logged validation metrics (``val/...``)."""
+    return any(k.startswith("val/") for k in trainer.callback_metrics)
 
 
 def is_dry_run(cfg: DictConfig) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -140,18 +142,41 @@ def label_map(masks: list, shape: tuple[int, int]) -> np.ndarray:
 
 
 class MetricsFile(L.Callback):
-    """Writes every logged scalar to ``metrics.json`` at the end of fitting (rank 0)."""
+    """Writes every logged scalar to ``metrics.json`` after each validation and at the end of
+    fitting (rank 0). A resumed run adds its values to the file's; an empty set of metrics (a
+    resumed run that had nothing left to train) never replaces the file."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
+        self.keep_old = True
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.keep_old = trainer.ckpt_path is not None  # a fresh run starts its own file
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._write(trainer)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            write_metrics(self.path, trainer.callback_metrics)
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        if trainer.is_global_zero and write_metrics(self.path, trainer.callback_metrics, self.keep_old):
+            self.keep_old = True
 
 
-def write_metrics(path: Path, metrics: dict) -> Path:
+def write_metrics(path: Path, metrics: dict, keep_old: bool = True) -> Path | None:
+    """Write ``metrics`` as JSON, atomically (a crash leaves the old file or the new one, never a
+    part). ``keep_old``: values of the existing file that ``metrics`` lacks stay. Nothing is
+    written when ``metrics`` is empty (returns None)."""
+    if not metrics:
+        return None
+    plain = {k: float(v) for k, v in metrics.items()}
+    if keep_old and path.is_file():
+        with contextlib.suppress(OSError, ValueError):  # an unreadable old file is replaced
+            plain = {**json.loads(path.read_text()), **plain}
     path.parent.mkdir(parents=True, exist_ok=True)
-    plain = {k: float(v) for k, v in sorted(metrics.items())}
-    path.write_text(json.dumps(plain, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(plain.items())), indent=2) + "\n")
+    os.replace(tmp, path)
     return path
