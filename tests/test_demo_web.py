@@ -156,19 +156,36 @@ def test_sam_toggle_refines_on_request_and_on_redraw(tmp_path):
     assert (np.asarray(view.mask) > 0).sum() == 32 * 32
 
 
-def test_newest_demo_model(tmp_path):
-    from stamp.cli.demo import newest_demo_model
+def test_the_make_demo_model_is_the_one_make_demo_marked(compose_cfg, tmp_path, capsys):
+    """`make demo` passes export_marker; a later experiment=demo run (newer, later in name order)
+    leaves the choice alone, and stamp-demo says which model it loads."""
+    from omegaconf import open_dict
 
-    runs = tmp_path / "demo" / "runs"
+    from stamp.cli.demo import load_backend, make_demo_model
+    from stamp.cli.train import train
+
+    marker = tmp_path / "logs" / "demo" / "make-demo-model.txt"
+    quick = ["trainer=cpu", "trainer.max_steps=1", "+trainer.limit_val_batches=0", "data.batch_size=1"]
+    quick += ["data.train.image_size=56", "data.train.radius=[8,14]", "trainer.enable_progress_bar=false"]
     with pytest.raises(
-        FileNotFoundError, match=r"no demo model under .*; run `make demo` first .* or pass ckpt="
+        FileNotFoundError, match=r"no `make demo` model: .*; run `make demo` .* or pass ckpt="
     ):
-        newest_demo_model(runs)
-    for name in ("2026-01-02_10-00-00", "2026-01-03_09-00-00", "2026-01-04_09-00-00"):
-        (runs / name / "model").mkdir(parents=True)
-    for name in ("2026-01-02_10-00-00", "2026-01-03_09-00-00"):  # the newest run has no model (yet)
-        (runs / name / "model" / "stamp_head.safetensors").write_bytes(b"")
-    assert newest_demo_model(runs) == runs / "2026-01-03_09-00-00" / "model"
+        make_demo_model(marker)
+    made = tmp_path / "logs" / "demo" / "runs" / "2026-01-02_10-00-00"
+    later = tmp_path / "logs" / "demo" / "runs" / "2026-01-03_09-00-00"
+    for out, extra in ((made, [f"export_marker={marker}"]), (later, [])):
+        cfg = compose_cfg([*quick, *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+        train(cfg)
+    assert (later / "model" / "stamp_head.safetensors").is_file()
+    assert make_demo_model(marker) == made / "model"
+
+    cfg = compose_cfg(["device=cpu", "examples.size=1"], config="demo")
+    with open_dict(cfg):
+        cfg.demo_marker = str(marker)
+    load_backend(cfg)
+    assert f"stamp-demo: loading {made / 'model'}" in capsys.readouterr().out
 
 
 def test_cli_without_a_demo_model_says_what_to_do(tmp_path):
@@ -182,8 +199,8 @@ def test_cli_without_a_demo_model_says_what_to_do(tmp_path):
     )
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
-        f"stamp-demo: error: no demo model under {tmp_path}/demo/runs/*/model; "
-        "run `make demo` first to train one, or pass ckpt=path/to/model"
+        f"stamp-demo: error: no `make demo` model: {tmp_path}/demo/make-demo-model.txt does not exist; "
+        "run `make demo` (it writes that file) or pass ckpt=path/to/model"
     )
 
 

@@ -11,11 +11,17 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-ROOT = Path(__file__).resolve().parents[3]
-CONF_DIR = os.environ.get("STAMP_CONF_DIR", str(ROOT / "conf"))
+# The configs ship inside the package (``stamp/conf``), so an installed stamp finds them too.
+CONF_DIR = os.environ.get("STAMP_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
+
+
+def project_dir() -> Path:
+    """Where ``logs/``, ``artifacts/`` and ``data/`` are: ``STAMP_ROOT``, else the current directory."""
+    return Path(os.environ.get("STAMP_ROOT") or os.getcwd()).resolve()
+
 
 if not OmegaConf.has_resolver("stamp_root"):
-    OmegaConf.register_new_resolver("stamp_root", lambda: os.environ.get("STAMP_ROOT", str(ROOT)))
+    OmegaConf.register_new_resolver("stamp_root", lambda: str(project_dir()))
 
 
 # Errors that come from what the user asked for (a path, a value), not from a bug.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,11 +65,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("export") and trainer.is_global_zero:
             out = save_stamp(module.net, module.processor, Path(cfg.paths.output_dir) / "model")
             log.info("exported the trained model to %s", out)
+            if cfg.get("export_marker"):
+                write_marker(Path(cfg.export_marker), out)
         failed = False
     finally:
         finish_wandb(loggers, failed)  # each job of a multirun logs into its own W&B run
         end_distributed_job(launch_env)  # the next job of a multirun starts its own process group
     return metrics
+
+
+def write_marker(marker: Path, model_dir: Path) -> None:
+    """Write ``model_dir``'s absolute path into ``marker`` (atomically: a reader sees the old
+    path or the new one)."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    tmp.write_text(f"{model_dir.resolve()}\n")
+    os.replace(tmp, marker)
+    log.info("wrote the model's path to %s", marker)
 
 
 def validated(trainer: L.Trainer) -> bool:
