@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stamp.cli import project_dir
+from stamp.cli import project_dir, user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from stamp.model.tiny import make_tiny
 
-    make_tiny(out, seed=args.seed)
+    with user_errors("stamp-make-tiny"):
+        make_tiny(out, seed=args.seed)
     print(out)
 
 

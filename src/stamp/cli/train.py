@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from stamp.cli import CONF_DIR
+from stamp.cli import CONF_DIR, user_errors
 from stamp.model.build import save_stamp
 from stamp.training.distributed import check_export, end_distributed_job, pin_run_dir_for_children
 from stamp.training.module import StampLitModule
@@ -95,14 +95,15 @@ def is_dry_run(cfg: DictConfig) -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
-    metrics = train(cfg)
-    if is_dry_run(cfg):
-        return None
-    metrics_file = Path(cfg.paths.output_dir) / "metrics.json"
-    if metrics_file.exists():
-        print(metrics_file)
-    return optimized_value(metrics, cfg.get("optimized_metric"))
+    with user_errors("stamp-train"):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+        metrics = train(cfg)
+        if is_dry_run(cfg):
+            return None
+        metrics_file = Path(cfg.paths.output_dir) / "metrics.json"
+        if metrics_file.exists():
+            print(metrics_file)
+        return optimized_value(metrics, cfg.get("optimized_metric"))
 
 
 def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
