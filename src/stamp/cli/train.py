@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stamp.cli import CONF_DIR, user_errors
 from stamp.model.build import save_stamp
+from stamp.training.callbacks import StepProgressBar
 from stamp.training.distributed import check_export, end_distributed_job, pin_run_dir_for_children
 from stamp.training.module import StampLitModule
 from stamp.training.resume import resolve_ckpt_path
@@ -50,6 +51,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # nothing to report a learning rate to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())  # step/max_steps rather than Lightning's per-epoch count
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_export(trainer, bool(cfg.get("export")))
     launch_env = pin_run_dir_for_children()  # the ranks a ddp launcher starts write to this run's dir

@@ -11,10 +11,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from stamp.evaluation import StampScorer, predicted_cells, upsample
-from stamp.inference.generate import strip_seg
+from stamp.model.tokens import mark_masks
 from stamp.utils.overlay import overlay_grid
 
 # The scores are torchmetrics states summed over the processes before they are logged
@@ -30,6 +31,8 @@ class SegmentationScoring(L.Callback):
     Logs ``{stage}/giou``, ``{stage}/ciou`` (pixels), ``{stage}/ciou_cell``,
     ``{stage}/ciou_oracle``, ``{stage}/n_acc``, ``{stage}/t_acc``, ``{stage}/pr@X`` and
     ``{stage}/vqa_acc``; keeps the first ``examples`` predictions for overlays.
+    ``ciou_oracle`` is not a score of the model: it is the pixel cIoU of the true masks
+    quantised to the 28-px cells, the ceiling of a cell-level prediction, fixed by the data.
     """
 
     def __init__(self, examples: int = 8) -> None:
@@ -129,7 +132,7 @@ class WandbOverlays(L.Callback):
             masks.append(
                 {k: {"mask_data": label_map(m, shape), "class_labels": labels} for k, m in layers.items()}
             )
-            captions.append(f"{sample.prompt[-1]['content']} -> {strip_seg(answer)}")
+            captions.append(f"{sample.prompt[-1]['content']} -> {mark_masks(answer)}")
         wandb_logger.log_image(self.key, images, step=trainer.global_step, masks=masks, caption=captions)
 
 
@@ -139,6 +142,31 @@ def label_map(masks: list, shape: tuple[int, int]) -> np.ndarray:
     for k, m in enumerate(masks):
         out[np.asarray(m, dtype=bool)] = k + 1
     return out
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A training bar that counts optimizer steps, ``global_step/max_steps``, across epochs and
+    from the step a resumed run starts at. Runs without ``max_steps`` (epoch-based) keep
+    Lightning's bar per epoch."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_start(trainer, *args)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar, step = self.train_progress_bar, trainer.global_step
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = bar.last_print_n = step  # the rate counts this run's steps only
+        bar.set_description("train step")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and bar.n != step and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
 
 
 class MetricsFile(L.Callback):
