@@ -13,7 +13,7 @@ from stamp.cli import CONF_DIR
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
 DATA = sorted(p.stem for p in (Path(CONF_DIR) / "data").glob("*.yaml"))
-# METHOD.md section 6: (backbone, LoRA, per-GPU batch, epochs, data config's train target)
+# docs/METHOD.md section 6: (backbone, LoRA, per-GPU batch, epochs, data config's train target)
 PAPER = {
     "paper_2b_res": ("Qwen/Qwen2-VL-2B-Instruct", False, 12, 5, "stamp.data.mixing.MixedDataset"),
     "paper_7b_lora_res": ("Qwen/Qwen2-VL-7B-Instruct", True, 8, 5, "stamp.data.mixing.MixedDataset"),
