@@ -23,8 +23,9 @@ $(TINY): src/stamp/model/tiny.py src/stamp/data/synthetic.py | $(SETUP)
 
 tiny: $(TINY)
 
+# export_marker: the model stamp-demo and notebooks/quickstart.ipynb load (later runs leave it alone)
 demo: $(SETUP) $(TINY)
-	$(BIN)/stamp-train experiment=demo
+	$(BIN)/stamp-train experiment=demo 'export_marker=$${paths.log_dir}/demo/make-demo-model.txt'
 
 test: $(SETUP)
 	$(BIN)/python -m pytest

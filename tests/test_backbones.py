@@ -70,3 +70,29 @@ def test_tiny_tokenizer_has_whole_words_for_the_chat(tiny):
     assert "user" in pieces and "assistant" in pieces and "There" in pieces, pieces
     for word in ("are", "three", "shapes", "red", "star", "circle", "triangle", "square"):
         assert len(tok(" " + word, add_special_tokens=False).input_ids) == 1, word
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_flash_if_installed_picks_flash_attention_or_sdpa_and_logs_it(monkeypatch, caplog, installed):
+    """The paper configs' vision encoder: flash-attention where it can run, sdpa otherwise."""
+    import logging
+
+    from stamp.model import backbone
+
+    monkeypatch.setattr(backbone, "is_flash_attn_2_available", lambda: installed)
+    expected = "flash_attention_2" if installed else "sdpa"
+    with caplog.at_level(logging.INFO, logger="stamp.model.backbone"):
+        kwargs = backbone.attn_kwargs("sdpa", "flash_if_installed")
+    chosen = kwargs["attn_implementation"]
+    assert (chosen["vision_config"] if isinstance(chosen, dict) else chosen) == expected
+    assert f"the vision encoder uses {expected}" in caplog.text
+
+
+def test_flash_if_installed_loads_without_flash_attn(tiny_dir):
+    from stamp.model.backbone import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is usable here; the fallback is what this test checks")
+    model, _ = load_backbone(str(tiny_dir), vision_attn_implementation="flash_if_installed")
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "sdpa"

@@ -105,7 +105,14 @@ def test_predict_synthetic_and_real_photo(stamp_ckpt, tmp_path):
     assert mask.shape == (img.height, img.width) and set(np.unique(mask)) <= {0, 255}
     over = np.asarray(Image.open(overlay_path).convert("RGB"))
     changed = (over != np.asarray(img)).any(-1)
-    assert np.array_equal(changed & ~(mask > 0), np.zeros_like(changed))  # tinted only where the mask is
+    # outside the mask only its outline and its number tag (at the mask's top-left pixel) change
+    from stamp.utils.overlay import outline
+
+    _, ring = outline(mask > 0)
+    ys, xs = np.nonzero(changed & ~(mask > 0) & ~ring)
+    y0 = np.nonzero(mask > 0)[0].min()
+    x0 = np.nonzero(mask[y0] > 0)[0].min()
+    assert ((ys >= y0 - 2) & (ys <= y0 + 16) & (xs >= x0 - 2) & (xs <= x0 + 16)).all()
 
 
 def test_empty_masks_are_named():
@@ -167,3 +174,88 @@ def test_predict_bad_input(case, stamp_ckpt, tiny_dir, tmp_path):
     )
     assert r.returncode == 1
     assert expected in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ckpt_last", "mask_positions", "no_data", "full_error"])
+def test_train_user_errors_are_one_line(case, tiny_dir, tmp_path):
+    """stamp-train reports a user error as stamp-eval does: one line, exit 1, no traceback
+    (unless HYDRA_FULL_ERROR=1)."""
+    args, expected = {
+        "ckpt_last": (["ckpt_path=last"], "ckpt_path=last: no checkpoint at"),
+        "mask_positions": (["model.mask_positions=diagonal"], "diagonal"),
+        "no_data": (["data=refcoco", f"paths.data_dir={tmp_path / 'no-data'}"], "no-data"),
+        "full_error": (["model.mask_positions=diagonal"], "diagonal"),
+    }[case]
+    cmd = [str(BIN / "stamp-train"), *args, f"paths.tiny_dir={tiny_dir}", f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd += ["trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1" if case == "full_error" else "0"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    if case == "full_error":
+        assert "Traceback" in r.stderr and expected in r.stderr
+        return
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("stamp-train: error: ") and expected in last, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_instantiation_errors_are_reported_with_their_key():
+    from hydra.errors import InstantiationException
+
+    from stamp.cli import user_error_message
+
+    try:
+        try:
+            raise FileNotFoundError("refs(unc).p does not exist")
+        except FileNotFoundError as cause:
+            raise InstantiationException(
+                "Error in call to target 'x':\nFileNotFoundError(...)\nfull_key: data.train"
+            ) from cause
+    except InstantiationException as e:
+        assert user_error_message(e) == "refs(unc).p does not exist (building data.train)"
+    assert user_error_message(KeyError("a bug")) is None
+
+
+@pytest.mark.parametrize("why", ["HF_HUB_OFFLINE", "no network"])
+def test_hub_id_without_network_fails_at_once_naming_the_setting(why, monkeypatch):
+    import time
+
+    from stamp.model import backbone
+
+    if why == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(backbone, "hub_reachable", lambda timeout=3.0: False)
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"model\.backbone='stamp-tests/no-such-model' is a hub id") as err:
+        backbone.load_backbone("stamp-tests/no-such-model")
+    assert time.monotonic() - start < 10
+    assert "set model.backbone=/path/to/local/copy" in str(err.value)
+    assert ("HF_HUB_OFFLINE is set" if why == "HF_HUB_OFFLINE" else "cannot be reached") in str(err.value)
+
+
+def test_cuda_device_without_cuda_says_what_to_do(monkeypatch):
+    import torch
+
+    from stamp.cli.eval import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device=cuda: this machine has no CUDA device .* use device=cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
+
+
+def test_run_folder_or_training_checkpoint_as_ckpt_points_to_the_model(tmp_path):
+    from stamp.model.checkpoints import load_stamp
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"is a training run folder; pass its model: ckpt={run / 'model'}$"):
+        load_stamp(run)
+    with pytest.raises(ValueError, match=rf"Lightning training checkpoint .* ckpt={run / 'model'}$"):
+        load_stamp(run / "checkpoints" / "last.ckpt")

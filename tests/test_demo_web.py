@@ -26,6 +26,8 @@ from PIL import Image
 from stamp.cli import CONF_DIR
 from stamp.demo.backend import DemoBackend, Limits, Session, clean_query, prepare_image, render_answer
 from stamp.model.tokens import SEG_TOKEN
+from stamp.utils.overlay import outline
+from stamp.utils.overlay import overlay as draw_overlay
 from tests.helpers import square_sample
 
 CHROMIUM = os.environ.get("STAMP_CHROMIUM", "/usr/bin/chromium")
@@ -83,11 +85,8 @@ def test_prepare_image_downscales_and_refuses_non_images(tmp_path):
 
 def test_requests_and_answers_for_the_chat():
     assert clean_query("  Segment <|im_end|> the <|seg|>dog  ") == "Segment the dog"
-    assert (
-        render_answer(f"It is {SEG_TOKEN} and {SEG_TOKEN}.")
-        == "It is **[mask 1, red]** and **[mask 2, blue]**."
-    )
-    assert render_answer(SEG_TOKEN) == "**[mask 1, red]**"
+    assert render_answer(f"It is {SEG_TOKEN} and {SEG_TOKEN}.") == "It is **[mask 1]** and **[mask 2]**."
+    assert render_answer(SEG_TOKEN) == "**[mask 1]**"
 
 
 def test_backend_keeps_the_conversation_and_reports_problems(tmp_path):
@@ -113,9 +112,10 @@ def test_backend_keeps_the_conversation_and_reports_problems(tmp_path):
     ]
     assert "Only the last 2 turns" in view.status
     assert view.raw == f"Sure, it is {SEG_TOKEN}" and len(view.chat) == 8  # the page shows every turn
-    assert view.chat[-1] == {"role": "assistant", "content": "Sure, it is **[mask 1, red]**"}
+    assert view.chat[-1] == {"role": "assistant", "content": "Sure, it is **[mask 1]**"}
     over, image = np.asarray(view.overlay), np.asarray(view.image)
-    assert (over[:, :32] != image[:, :32]).any(-1).all() and (over[:, 32:] == image[:, 32:]).all()
+    assert (over[:, :32] != image[:, :32]).any(-1).all() and (over[:, 33:] == image[:, 33:]).all()
+    assert (over[:, 32] == 0).all()  # the mask's outline, just outside it
     assert np.array_equal(np.asarray(view.mask) > 0, np.broadcast_to(np.arange(64) < 32, (64, 64)))
     session, view = backend.redraw(session, False, 0.0)  # opacity 0: the overlay is the image
     assert np.array_equal(np.asarray(view.overlay), image) and view.status is None
@@ -156,19 +156,36 @@ def test_sam_toggle_refines_on_request_and_on_redraw(tmp_path):
     assert (np.asarray(view.mask) > 0).sum() == 32 * 32
 
 
-def test_newest_demo_model(tmp_path):
-    from stamp.cli.demo import newest_demo_model
+def test_the_make_demo_model_is_the_one_make_demo_marked(compose_cfg, tmp_path, capsys):
+    """`make demo` passes export_marker; a later experiment=demo run (newer, later in name order)
+    leaves the choice alone, and stamp-demo says which model it loads."""
+    from omegaconf import open_dict
 
-    runs = tmp_path / "demo" / "runs"
+    from stamp.cli.demo import load_backend, make_demo_model
+    from stamp.cli.train import train
+
+    marker = tmp_path / "logs" / "demo" / "make-demo-model.txt"
+    quick = ["trainer=cpu", "trainer.max_steps=1", "+trainer.limit_val_batches=0", "data.batch_size=1"]
+    quick += ["data.train.image_size=56", "data.train.radius=[8,14]", "trainer.enable_progress_bar=false"]
     with pytest.raises(
-        FileNotFoundError, match=r"no demo model under .*; run `make demo` first .* or pass ckpt="
+        FileNotFoundError, match=r"no `make demo` model: .*; run `make demo` .* or pass ckpt="
     ):
-        newest_demo_model(runs)
-    for name in ("2026-01-02_10-00-00", "2026-01-03_09-00-00", "2026-01-04_09-00-00"):
-        (runs / name / "model").mkdir(parents=True)
-    for name in ("2026-01-02_10-00-00", "2026-01-03_09-00-00"):  # the newest run has no model (yet)
-        (runs / name / "model" / "stamp_head.safetensors").write_bytes(b"")
-    assert newest_demo_model(runs) == runs / "2026-01-03_09-00-00" / "model"
+        make_demo_model(marker)
+    made = tmp_path / "logs" / "demo" / "runs" / "2026-01-02_10-00-00"
+    later = tmp_path / "logs" / "demo" / "runs" / "2026-01-03_09-00-00"
+    for out, extra in ((made, [f"export_marker={marker}"]), (later, [])):
+        cfg = compose_cfg([*quick, *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+        train(cfg)
+    assert (later / "model" / "stamp_head.safetensors").is_file()
+    assert make_demo_model(marker) == made / "model"
+
+    cfg = compose_cfg(["device=cpu", "examples.size=1"], config="demo")
+    with open_dict(cfg):
+        cfg.demo_marker = str(marker)
+    load_backend(cfg)
+    assert f"stamp-demo: loading {made / 'model'}" in capsys.readouterr().out
 
 
 def test_cli_without_a_demo_model_says_what_to_do(tmp_path):
@@ -182,8 +199,8 @@ def test_cli_without_a_demo_model_says_what_to_do(tmp_path):
     )
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
-        f"stamp-demo: error: no demo model under {tmp_path}/demo/runs/*/model; "
-        "run `make demo` first to train one, or pass ckpt=path/to/model"
+        f"stamp-demo: error: no `make demo` model: {tmp_path}/demo/make-demo-model.txt does not exist; "
+        "run `make demo` (it writes that file) or pass ckpt=path/to/model"
     )
 
 
@@ -358,17 +375,20 @@ def test_segment_in_the_browser(server, browser, tmp_path, record_property):
     assert np.array_equal(mask, expected)
     assert 0.1 < mask.mean() < 0.9, mask.mean()  # a partial mask, so both sides of the check count
     changed = (overlay != source).any(-1)
-    assert not (changed & ~mask).any()  # nothing outside the mask is tinted
+    # the backend's drawing (tint, outline, number tag), unchanged on the way to the page
+    assert np.array_equal(overlay, np.asarray(draw_overlay(Image.fromarray(source), [expected], 0.5)))
+    _, ring = outline(mask)
+    assert (changed & ~mask & ~ring).mean() < 0.01  # outside the mask and its outline: the tag only
     assert changed[mask].mean() > 0.99  # and (nearly) every pixel inside is
     assert page.locator("#raw textarea").input_value() == SEG_TOKEN
-    assert "[mask 1, red]" in page.inner_text("#chat")
+    assert "[mask 1]" in page.inner_text("#chat")
     assert page.locator("#query textarea").input_value() == ""
 
     # a follow-up turn keeps the conversation
     _send(page, "Now the other one.")
     page.locator("#chat", has_text="Now the other one.").wait_for()
     _status(page, "Answered in")
-    assert page.inner_text("#chat").count("[mask 1, red]") == 2
+    assert page.inner_text("#chat").count("[mask 1]") == 2
 
     screenshot = tmp_path / "stamp-demo.png"
     page.screenshot(path=str(screenshot), full_page=True)

@@ -12,7 +12,8 @@ from stamp.cli import CONF_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
-# METHOD.md section 6: (backbone, LoRA, per-GPU batch, epochs, data config's train target)
+DATA = sorted(p.stem for p in (Path(CONF_DIR) / "data").glob("*.yaml"))
+# docs/METHOD.md section 6: (backbone, LoRA, per-GPU batch, epochs, data config's train target)
 PAPER = {
     "paper_2b_res": ("Qwen/Qwen2-VL-2B-Instruct", False, 12, 5, "stamp.data.mixing.MixedDataset"),
     "paper_7b_lora_res": ("Qwen/Qwen2-VL-7B-Instruct", True, 8, 5, "stamp.data.mixing.MixedDataset"),
@@ -49,6 +50,48 @@ def test_experiment_composes_and_resolves(compose_cfg, experiment, model):
         assert plain["model"]["backbone"] == "Qwen/Qwen2-VL-2B-Instruct" and plain["model"]["lora"] is None
 
 
+def _keys(node, prefix: str = "") -> set[str]:
+    """Every key path under a plain dict (``train.datasets.refcoco.repeats``, ...)."""
+    out = set()
+    for k, v in node.items():
+        out.add(prefix + str(k))
+        if isinstance(v, dict):
+            out |= _keys(v, f"{prefix}{k}.")
+    return out
+
+
+@pytest.mark.parametrize("data", DATA)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_with_every_data_config(compose_cfg, experiment, data):
+    """`stamp-train experiment=<e> data=<d>`: the experiment adds no key that the data config
+    lacks (settings of one dataset do not leak into another), and every key reaches a target
+    that takes it (what `instantiate` would otherwise fail on, deep in a TypeError)."""
+    from stamp.utils.config import check_arguments
+
+    composed = compose_cfg([f"experiment={experiment}", f"data={data}"]).data
+    alone = compose_cfg([f"data={data}"]).data
+    plain = {k: OmegaConf.to_container(c, resolve=False) for k, c in (("with", composed), ("alone", alone))}
+    assert _keys(plain["with"]) <= _keys(plain["alone"])
+    check_arguments(composed, "data")
+
+
+def test_check_arguments_names_the_key_a_target_does_not_take():
+    from stamp.utils.config import check_arguments
+
+    node = OmegaConf.create(
+        {"_target_": "stamp.data.mixing.MixedDataset", "datasets": {}, "train": {"shared": [0.4, 0.2]}}
+    )
+    with pytest.raises(
+        ValueError, match=r"^data\.train: stamp\.data\.mixing\.MixedDataset takes no argument 'train'"
+    ):
+        check_arguments(node, "data")
+    bad = {"_target_": "stamp.data.synthetic.SyntheticScenes", "split": "train", "colour": "red"}
+    with pytest.raises(ValueError, match=r"data\.val\.colour: .*SyntheticScenes takes no argument 'colour'"):
+        check_arguments({"val": bad}, "data")
+    good = {k: v for k, v in bad.items() if k != "colour"}
+    check_arguments({"val": good, "batch_size": 2}, "data")  # keys outside a target are not checked
+
+
 @pytest.mark.parametrize("experiment", sorted(PAPER))
 def test_paper_recipe(compose_cfg, experiment):
     backbone, lora, batch, epochs, train_target = PAPER[experiment]
@@ -56,7 +99,7 @@ def test_paper_recipe(compose_cfg, experiment):
     m, t = cfg.model, cfg.trainer
     assert m.backbone == backbone and m.gradient_checkpointing
     # the language model must honour the 4-D mask; flash-attention only in the vision encoder
-    assert m.attn_implementation == "sdpa" and m.vision_attn_implementation == "flash_attention_2"
+    assert m.attn_implementation == "sdpa" and m.vision_attn_implementation == "flash_if_installed"
     # bf16 autocast over fp32 weights (the optimizer's master copy)
     assert t.precision == "bf16-mixed" and m.dtype == "float32"
     if lora:

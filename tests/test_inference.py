@@ -34,7 +34,7 @@ def test_segment_with_given_answer(segmenter):
     cells = (r.cell_logits[0] > 0).numpy()
     rows, cols = (np.arange(140) * h) // 140, (np.arange(140) * w) // 140
     assert np.array_equal(r.masks[0], cells[rows][:, cols])
-    assert r.answer == "Sure, the red square is and"
+    assert r.answer == "Sure, the red square is [mask 1] and [mask 2]"
 
 
 def test_segment_generates_and_batches(segmenter):

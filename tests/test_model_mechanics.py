@@ -1,4 +1,4 @@
-"""The mask block's mechanics: attention, positions, equivalences (METHOD.md sections 2 and 5)."""
+"""The mask block's mechanics: attention, positions, equivalences (docs/METHOD.md sections 2 and 5)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ uninterrupted run ends (same batches, weights, optimizer state), on the CPU in f
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -197,3 +201,78 @@ def test_sampler_splits_ranks_and_resumes_each():
         s.skip(1, 4)
         assert list(s) == order[4:]
         assert list(s) == order  # the skip was used up
+
+
+class KillDuringValidation(L.Callback):
+    """Kills its own process (SIGKILL, as a preemption would) at the first validation batch."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# 4 steps with a checkpoint every 2: last.ckpt holds step 4 before the final validation starts
+VALIDATED = [
+    "trainer=cpu",
+    "trainer.max_steps=4",
+    "trainer.enable_progress_bar=false",
+    "export=false",
+    "data.batch_size=2",
+    "data.eval_batch_size=4",
+    "data.train.size=8",
+    "data.train.image_size=56",
+    "data.train.radius=[8,14]",
+    "data.val.size=8",
+    "data.val.image_size=56",
+    "generation.max_new_tokens=4",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+]
+
+
+@pytest.mark.slow  # a training subprocess (~35 s)
+def test_killed_during_final_validation_then_resumed_writes_results(compose_cfg, tiny_dir, tmp_path):
+    from stamp.cli.train import train
+
+    run = tmp_path / "run"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)])}
+    cmd = [sys.executable, "-m", "stamp.cli.train", *VALIDATED, f"hydra.run.dir={run}"]
+    cmd += [f"paths.tiny_dir={tiny_dir}", f"paths.log_dir={tmp_path / 'logs'}"]
+    cmd += ["+callbacks.kill._target_=tests.test_resume.KillDuringValidation"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert not (run / "metrics.json").exists() and not (run / "overlays.png").exists()
+
+    metrics = train(compose_cfg([*VALIDATED, "ckpt_path=last"]))
+    assert "val/ciou_cell" in metrics and "val/vqa_acc" in metrics
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["val/ciou_cell"] == pytest.approx(metrics["val/ciou_cell"])
+    assert (run / "overlays.png").is_file()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_auto_resume_of_a_finished_run_keeps_its_results(compose_cfg, tmp_path):
+    from stamp.cli.train import train
+
+    first = train(compose_cfg(VALIDATED))
+    run = tmp_path / "run"
+    before = json.loads((run / "metrics.json").read_text())
+    assert "val/ciou_cell" in before and "train/loss" in before
+    again = train(compose_cfg([*VALIDATED, "auto_resume=true"]))
+    assert again["val/ciou_cell"] == first["val/ciou_cell"]  # the same model, validated again
+    assert json.loads((run / "metrics.json").read_text()) == before
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_metrics_file_is_never_replaced_by_an_empty_one(tmp_path):
+    from stamp.training.callbacks import write_metrics
+
+    path = tmp_path / "metrics.json"
+    write_metrics(path, {"val/ciou": torch.tensor(0.5), "train/loss": 1.0})
+    assert write_metrics(path, {}) is None
+    write_metrics(path, {"val/ciou": 0.25})  # a resumed run's new value; the old ones stay
+    assert json.loads(path.read_text()) == {"train/loss": 1.0, "val/ciou": 0.25}
+    write_metrics(path, {"val/giou": 0.1}, keep_old=False)
+    assert json.loads(path.read_text()) == {"val/giou": pytest.approx(0.1)}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left

@@ -19,7 +19,7 @@ def _as_bool(x) -> torch.Tensor:
 class SegmentationMetrics(Metric):
     """Scores predicted masks against ground truth, one expression per mask pair.
 
-    Rules (METHOD.md section 7):
+    Rules (docs/METHOD.md section 7):
 
     * IoU of an expression = |P & G| / |P | G| over the pixels that are not ignored.
     * gIoU = mean IoU over expressions; cIoU = sum of intersections / sum of unions.

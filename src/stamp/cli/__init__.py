@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -11,11 +12,17 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-ROOT = Path(__file__).resolve().parents[3]
-CONF_DIR = os.environ.get("STAMP_CONF_DIR", str(ROOT / "conf"))
+# The configs ship inside the package (``stamp/conf``), so an installed stamp finds them too.
+CONF_DIR = os.environ.get("STAMP_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
+
+
+def project_dir() -> Path:
+    """Where ``logs/``, ``artifacts/`` and ``data/`` are: ``STAMP_ROOT``, else the current directory."""
+    return Path(os.environ.get("STAMP_ROOT") or os.getcwd()).resolve()
+
 
 if not OmegaConf.has_resolver("stamp_root"):
-    OmegaConf.register_new_resolver("stamp_root", lambda: os.environ.get("STAMP_ROOT", str(ROOT)))
+    OmegaConf.register_new_resolver("stamp_root", lambda: str(project_dir()))
 
 
 def path_slug(path: str) -> str:
@@ -42,11 +49,32 @@ USER_ERRORS = (
 )
 
 
+def user_error_message(e: BaseException) -> str | None:
+    """One line for a user error (also one that Hydra wrapped while instantiating a config, with
+    the config key it was building), or None when ``e`` is a bug."""
+    where = ""
+    while e is not None and not isinstance(e, USER_ERRORS):
+        if type(e).__name__ == "MisconfigurationException":  # Lightning: a trainer setting
+            break
+        if type(e).__name__ != "InstantiationException":
+            return None
+        key = re.search(r"full_key: (\S+)", str(e))
+        where = where or (f" (building {key.group(1)})" if key else "")
+        e = e.__cause__
+    if e is None:
+        return None
+    return " ".join(str(e).split()) + where
+
+
 @contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """Report a user error as one line on stderr and exit with status 1 (no traceback)."""
+    """Report a user error as one line on stderr and exit with status 1; a traceback only with
+    ``HYDRA_FULL_ERROR=1`` (as for Hydra's own errors)."""
     try:
         yield
-    except USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(1)

@@ -11,27 +11,34 @@ from omegaconf import DictConfig, open_dict
 from stamp.cli import CONF_DIR, user_errors
 
 
-def newest_demo_model(runs_dir: str | Path) -> Path:
-    """The newest ``<runs_dir>/<run>/model`` checkpoint that ``make demo`` exported."""
-    runs_dir = Path(runs_dir)
-    # run folders are named by their start time (%Y-%m-%d_%H-%M-%S), so names sort by age
-    found = sorted(p.parent for p in runs_dir.glob("*/model/stamp_head.safetensors"))
-    if not found:
+def make_demo_model(marker: str | Path) -> Path:
+    """The model that ``make demo`` exported last: the path written in ``marker``
+    (``stamp-train export_marker=...``, which ``make demo`` passes). Later ``experiment=demo``
+    runs without ``export_marker`` do not change it."""
+    marker = Path(marker)
+    if not marker.is_file():
         raise FileNotFoundError(
-            f"no demo model under {runs_dir}/*/model; run `make demo` first to train one, or pass ckpt=path/to/model"
+            f"no `make demo` model: {marker} does not exist; run `make demo` (it writes that file) "
+            "or pass ckpt=path/to/model"
         )
-    return found[-1]
+    model = Path(marker.read_text().strip())
+    if not (model / "stamp_head.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{marker} names {model}, which holds no exported STAMP model; run `make demo` again "
+            "or pass ckpt=path/to/model"
+        )
+    return model
 
 
 def load_backend(cfg: DictConfig):
-    """The model named by ``cfg`` (``ckpt`` or the newest demo model), SAM and the examples,
+    """The model named by ``cfg`` (``ckpt``, or the ``make demo`` model), SAM and the examples,
     as a ``stamp.demo.backend.DemoBackend``."""
     from stamp.cli.predict import load_segmenter
     from stamp.demo.backend import DemoBackend, Limits
 
     if not cfg.ckpt:
         with open_dict(cfg):
-            cfg.ckpt = str(newest_demo_model(cfg.demo_runs))
+            cfg.ckpt = str(make_demo_model(cfg.demo_marker))
     print(f"stamp-demo: loading {cfg.ckpt}", flush=True)
     segmenter = load_segmenter(cfg)  # stamp-predict's loader: the same keys (device, dtype, sam, ...)
     refiner, segmenter.refiner = segmenter.refiner, None  # SAM runs when the page's toggle asks for it

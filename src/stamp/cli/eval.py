@@ -44,8 +44,14 @@ TABLE = (
 
 
 def resolve_device(name: str) -> str:
+    """``auto`` -> cuda when there is a CUDA device, else cpu; a CUDA device that is not there is
+    a user error."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name}: this machine has no CUDA device that torch can use; use device=cpu or device=auto"
+        )
     return name
 
 

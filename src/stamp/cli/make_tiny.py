@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stamp.cli import ROOT
+from stamp.cli import project_dir, user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=str(ROOT / "artifacts" / "tiny-qwen2vl"), help="output directory")
+    parser.add_argument(
+        "--out",
+        default=str(project_dir() / "artifacts" / "tiny-qwen2vl"),
+        help="output directory (default: artifacts/tiny-qwen2vl under STAMP_ROOT or the current directory)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokenizer corpus")
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     args = parser.parse_args(argv)
@@ -20,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from stamp.model.tiny import make_tiny
 
-    make_tiny(out, seed=args.seed)
+    with user_errors("stamp-make-tiny"):
+        make_tiny(out, seed=args.seed)
     print(out)
 
 

@@ -38,14 +38,22 @@ def save_outputs(image, result, out_dir: Path, stem: str, alpha: float) -> list[
     return [mask_path, overlay_path]
 
 
-def answer(seg, image, query: str, history, out_dir: Path, stem: str, alpha: float):
+def answer_lines(result) -> list[str]:
+    """What the CLI prints for a result: the answer with ``[mask k]`` where each ``<|seg|>`` was,
+    and a note when there is no mask or a mask is empty."""
     from stamp.utils.overlay import empty_masks_note
 
+    lines = [f"answer: {result.answer}"]
+    if not result.masks:
+        lines.append("no mask: the answer has no <|seg|>, so nothing was segmented")
+    elif note := empty_masks_note(result.masks):
+        lines.append(note)
+    return lines
+
+
+def answer(seg, image, query: str, history, out_dir: Path, stem: str, alpha: float):
     result = seg.segment(image, query, history=history)
-    print(f"answer: {result.answer}")
-    note = empty_masks_note(result.masks)
-    if note:
-        print(note)
+    print("\n".join(answer_lines(result)))
     if result.masks:
         for p in save_outputs(image, result, out_dir, stem, alpha):
             print(f"wrote {p}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from stamp.cli import CONF_DIR
+from stamp.cli import CONF_DIR, user_errors
 from stamp.model.build import save_stamp
+from stamp.training.callbacks import StepProgressBar
 from stamp.training.distributed import (
     check_export,
     check_submitit_launch,
@@ -24,6 +26,7 @@ from stamp.training.module import StampLitModule
 from stamp.training.resume import resolve_ckpt_path
 from stamp.training.search import pruning_callback
 from stamp.training.tracking import finish_wandb, log_run_config, wandb_init_args
+from stamp.utils.config import check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model, trainer = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "trainer"))
         return dry_run(model, trainer)
     ckpt_path = resolve_ckpt_path(cfg)
+    check_arguments(cfg.data, "data")
     L.seed_everything(cfg.seed, workers=True)
     module = StampLitModule(cfg.model, cfg.optimizer, cfg.scheduler, cfg.generation)
     datamodule = instantiate(cfg.data, processor=module.processor)
@@ -56,6 +60,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pruning = pruning_callback(cfg)  # a trial of an Optuna search reports to its study
     if pruning is not None:
         callbacks.append(pruning)
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())  # step/max_steps rather than Lightning's per-epoch count
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_export(trainer, bool(cfg.get("export")))
     check_submitit_launch(trainer)
@@ -63,6 +69,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     failed = True
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if ckpt_path and not validated(trainer) and trainer.limit_val_batches != 0:
+            # resumed after its last step (killed during the final validation, or a finished run
+            # started again by auto_resume): nothing was left to train, so validate the model now
+            log.info("training ended at step %d; validating the trained model", trainer.global_step)
+            trainer.validate(module, datamodule=datamodule)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if pruning is not None and pruning.pruned_at is not None:
             import optuna
@@ -72,11 +83,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("export") and trainer.is_global_zero:
             out = save_stamp(module.net, module.processor, Path(cfg.paths.output_dir) / "model")
             log.info("exported the trained model to %s", out)
+            if cfg.get("export_marker"):
+                write_marker(Path(cfg.export_marker), out)
         failed = False
     finally:
         finish_wandb(loggers, failed)  # each job of a multirun logs into its own W&B run
         end_distributed_job(launch_env)  # the next job of a multirun starts its own process group
     return metrics
+
+
+def write_marker(marker: Path, model_dir: Path) -> None:
+    """Write ``model_dir``'s absolute path into ``marker`` (atomically: a reader sees the old
+    path or the new one)."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    tmp.write_text(f"{model_dir.resolve()}\n")
+    os.replace(tmp, marker)
+    log.info("wrote the model's path to %s", marker)
+
+
+def validated(trainer: L.Trainer) -> bool:
+    """Whether this process logged validation metrics (``val/...``)."""
+    return any(k.startswith("val/") for k in trainer.callback_metrics)
 
 
 def is_dry_run(cfg: DictConfig) -> bool:
@@ -85,14 +113,15 @@ def is_dry_run(cfg: DictConfig) -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
-    metrics = train(cfg)
-    if is_dry_run(cfg):
-        return None
-    metrics_file = Path(cfg.paths.output_dir) / "metrics.json"
-    if metrics_file.exists():
-        print(metrics_file)
-    return optimized_value(metrics, cfg.get("optimized_metric"))
+    with user_errors("stamp-train"):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+        metrics = train(cfg)
+        if is_dry_run(cfg):
+            return None
+        metrics_file = Path(cfg.paths.output_dir) / "metrics.json"
+        if metrics_file.exists():
+            print(metrics_file)
+        return optimized_value(metrics, cfg.get("optimized_metric"))
 
 
 def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:

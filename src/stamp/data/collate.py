@@ -28,7 +28,7 @@ def conversation(messages: list[dict[str, str]], with_image: bool) -> list[dict[
 
 
 def cell_mask(mask: np.ndarray | torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Ground truth on the cell grid: bilinear resize, then threshold 0.5 (METHOD.md section 3).
+    """Ground truth on the cell grid: bilinear resize, then threshold 0.5 (docs/METHOD.md section 3).
 
     Plain bilinear interpolation (no antialiasing) reads the mask around each cell's centre.
     """

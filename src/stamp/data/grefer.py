@@ -7,7 +7,7 @@
     <image_dir>/<file_name>         COCO train2014 images
 
 One ``<|seg|>`` per expression: a multi-target expression's ground truth is the union of its
-objects, a no-target expression's is all zero (METHOD.md section 3).
+objects, a no-target expression's is all zero (docs/METHOD.md section 3).
 """
 
 from __future__ import annotations

@@ -21,13 +21,11 @@ from PIL import Image
 
 from stamp.data.sample import Sample
 from stamp.inference.images import load_image
-from stamp.model.tokens import SEG_TOKEN
-from stamp.utils.overlay import PALETTE, empty_masks_note, mask_image, overlay
+from stamp.model.tokens import SEG_TOKEN, mark_masks
+from stamp.utils.overlay import empty_masks_note, mask_image, overlay
 
 log = logging.getLogger(__name__)
 
-COLOUR_NAMES = ("red", "blue", "green", "yellow", "purple")  # the names of overlay.PALETTE, in order
-assert len(COLOUR_NAMES) == len(PALETTE)
 MIN_SIDE = 28  # one cell of the vision encoder; Qwen2-VL's processor refuses smaller images
 # Chat-template markers such as <|im_end|> or <|seg|> typed into a request would be read as
 # special tokens and could forge turns; they are removed from requests.
@@ -67,12 +65,10 @@ class View:
 
 
 def render_answer(text: str) -> str:
-    """An answer for the chat: each ``<|seg|>`` becomes a marker naming its overlay colour."""
-    parts = text.split(SEG_TOKEN)
-    out = parts[0]
-    for k, part in enumerate(parts[1:]):
-        out += f"**[mask {k + 1}, {COLOUR_NAMES[k % len(COLOUR_NAMES)]}]**" + part
-    return " ".join(out.split()) or "(empty answer)"
+    """An answer for the chat: the k-th ``<|seg|>`` becomes **[mask k]**, the number that labels
+    mask k on the overlay (no colour word, which could read as if the model had said it)."""
+    marked = re.sub(r"\[mask (\d+)\]", r"**[mask \1]**", mark_masks(text))
+    return marked or "(empty answer)"
 
 
 def clean_query(query: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Optional SAM refinement of STAMP's coarse masks (METHOD.md section 4).
+"""Optional SAM refinement of STAMP's coarse masks (docs/METHOD.md section 4).
 
 The coarse mask becomes SAM's low-resolution mask prompt (the inverse sigmoid of a clipped 0/1
 map, longest side resized to the prompt size - 256 for SAM - and zero-padded), together with

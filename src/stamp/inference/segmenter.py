@@ -19,10 +19,10 @@ import torch
 from stamp.data.collate import StampCollator
 from stamp.data.sample import Sample
 from stamp.evaluation import upsample
-from stamp.inference.generate import generate_with_masks, strip_seg
+from stamp.inference.generate import generate_with_masks
 from stamp.inference.images import ImageLike, load_image
 from stamp.model.stamp import StampModel
-from stamp.model.tokens import SEG_TOKEN
+from stamp.model.tokens import SEG_TOKEN, mark_masks
 
 Turn = tuple[str, str]  # (question, answer)
 
@@ -39,8 +39,8 @@ class SegmentationResult:
 
     @property
     def answer(self) -> str:
-        """The answer as a person reads it (``<|seg|>`` removed)."""
-        return strip_seg(self.text)
+        """The answer as a person reads it: the k-th ``<|seg|>`` shown as ``[mask k]``."""
+        return mark_masks(self.text)
 
 
 def chat_messages(question: str, answer: str | None, history: Sequence[Turn] | None) -> list[dict[str, str]]:

@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
 
 from stamp.model import attention  # noqa: F401  (registers the sdpa_fp32 implementation)
 from stamp.model.tokens import add_stamp_tokens, resize_embeddings
 
 log = logging.getLogger(__name__)
+FLASH_IF_INSTALLED = "flash_if_installed"  # flash_attention_2 where flash-attn can run, else sdpa
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,14 +51,70 @@ def check_source(name_or_path: str) -> None:
         )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (a TCP connection; the
+    lookup runs in a thread, because a name lookup without network can hang far longer)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def hub_kwargs(repo_id: str, key: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a hub id: none when the hub answers,
+    ``local_files_only`` when it does not but the model is in the local cache. Otherwise a
+    one-line error at once, instead of minutes of download retries (``key``: the setting that
+    names the model, for the message)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    if not offline and hub_reachable():
+        return {}
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return {"local_files_only": True}
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached (no network)"
+    raise OSError(
+        f"{key}={repo_id!r} is a hub id, but {why} and the model is not in the local Hugging Face cache; "
+        f"download it where there is network (`hf download {repo_id}`) and set {key}=/path/to/local/copy"
+    )
+
+
+def vision_attention(name: str | None) -> str | None:
+    """``name``, or for ``flash_if_installed`` the implementation that runs here (logged):
+    ``flash_attention_2`` when flash-attn is installed and usable, else ``sdpa``."""
+    if name != FLASH_IF_INSTALLED:
+        return name
+    chosen = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    why = "" if chosen == "flash_attention_2" else " (flash-attn is not installed or has no CUDA device)"
+    log.info("model.vision_attn_implementation=%s: the vision encoder uses %s%s", name, chosen, why)
+    return chosen
+
+
 def attn_kwargs(attn_implementation: str, vision_attn_implementation: str | None) -> dict[str, Any]:
     """Attention implementations per sub-model. The language model must honour a 4-D mask."""
+    vision_attn_implementation = vision_attention(vision_attn_implementation)
     if "flash" in attn_implementation:
         raise ValueError(
             f"model.attn_implementation={attn_implementation!r}: flash-attention ignores the 4-D hybrid "
             "mask that STAMP's mask block needs (it would silently train a causal block). Use 'sdpa' or "
             "'eager' (or 'sdpa_fp32') for the language model; flash-attention may be used for the vision encoder with "
-            "model.vision_attn_implementation=flash_attention_2."
+            "model.vision_attn_implementation=flash_attention_2 (or flash_if_installed)."
         )
     if vision_attn_implementation in (None, attn_implementation):
         return {"attn_implementation": attn_implementation}
@@ -78,24 +136,28 @@ def load_backbone(
     vision_attn_implementation: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    key: str = "model.backbone",
 ) -> tuple[Qwen2VLForConditionalGeneration, Any]:
-    """Load model and processor, add ``<|seg|>``/``<|mask|>`` and grow the embeddings if needed."""
+    """Load model and processor, add ``<|seg|>``/``<|mask|>`` and grow the embeddings if needed
+    (``key``: the setting that names the model, for error messages)."""
     check_source(name_or_path)
+    hub = {} if Path(name_or_path).expanduser().exists() else hub_kwargs(name_or_path, key)
     proc_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path, **proc_kwargs)
+        processor = AutoProcessor.from_pretrained(name_or_path, **proc_kwargs, **hub)
         with own_load_report():
             model, info = Qwen2VLForConditionalGeneration.from_pretrained(
                 name_or_path,
                 dtype=parse_dtype(dtype),
                 output_loading_info=True,
                 **attn_kwargs(attn_implementation, vision_attn_implementation),
+                **hub,
             )
     except OSError as e:
         if os.environ.get("HF_HUB_OFFLINE") or not Path(name_or_path).exists():
             raise OSError(
-                f"could not load {name_or_path!r}: {e}. Hub ids need network access (or a local copy in the "
-                "Hugging Face cache); pass a checkpoint directory instead."
+                f"could not load {key}={name_or_path!r}: {e}. Hub ids need network access (or a local copy "
+                f"in the Hugging Face cache); set {key}=/path/to/local/copy instead."
             ) from e
         raise
     report_load(name_or_path, info)

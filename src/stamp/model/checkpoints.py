@@ -89,6 +89,26 @@ def no_head_error(path: Path) -> ValueError:
     )
 
 
+def check_stamp_dir(path: Path) -> None:
+    """Point a user who passed a training run's folder or checkpoint file to its exported model."""
+    if path.is_file() and path.suffix == ".ckpt":
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        raise ValueError(
+            f"ckpt={str(path)!r} is a Lightning training checkpoint (for resuming with stamp-train "
+            f"ckpt_path=...); pass the run's exported model directory instead: ckpt={run / 'model'}"
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "model" / "config.json").is_file():
+            raise ValueError(
+                f"ckpt={str(path)!r} is a training run folder; pass its model: ckpt={path / 'model'}"
+            )
+        if (path / "checkpoints").is_dir():
+            raise ValueError(
+                f"ckpt={str(path)!r} is a training run folder without an exported model (it ran with "
+                f"export=false); export one from {path / 'checkpoints'} or pass ckpt=<run>/model of another run"
+            )
+
+
 def load_stamp(
     path: str | Path, dtype: str = "float32", base_model: str | None = None, **overrides: Any
 ) -> tuple[StampModel, Any]:
@@ -98,6 +118,7 @@ def load_stamp(
         return _load_lora(path, dtype, base_model, overrides)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    check_stamp_dir(path)
     check_source(str(path))
     settings = {**(read_settings(path) or RELEASED_SETTINGS), **overrides}
     backbone, processor = load_backbone(
@@ -133,7 +154,7 @@ def _load_lora(path: Path, dtype: str, base_model: str | None, overrides: dict) 
         raise no_head_error(path)
     settings = {**RELEASED_SETTINGS, **overrides}
     backbone, processor = load_backbone(
-        base, dtype=dtype, attn_implementation=settings.pop("attn_implementation", "sdpa")
+        base, dtype=dtype, attn_implementation=settings.pop("attn_implementation", "sdpa"), key="base_model"
     )
     # the adapter directory carries the tokenizer with STAMP's tokens, when it was saved with one
     if (path / "tokenizer_config.json").is_file():

@@ -1,4 +1,4 @@
-"""The mask loss of METHOD.md section 3."""
+"""The mask loss of docs/METHOD.md section 3."""
 
 from __future__ import annotations
 

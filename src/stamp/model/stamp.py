@@ -4,7 +4,7 @@ Training runs in one of two equivalent ways (``train_forward``):
 
 * ``fused``    - one vision pass and one language pass per batch: every mask block is appended
   at the end of its sequence with the positions and attention it would have right after its
-  ``<|seg|>`` (METHOD.md section 5).
+  ``<|seg|>`` (docs/METHOD.md section 5).
 * ``two_pass`` - the released code's way, kept as the reference: one pass for the language
   loss, then one pass per ``<|seg|>`` over the sequence cut after it, re-encoding the image.
 """
@@ -74,7 +74,7 @@ class StampModel(nn.Module):
         mask_attention: ``hybrid`` (bidirectional block, the method) or ``causal`` (ablation).
         add_patch_features: add the patch's vision feature to each mask token's embedding.
         bce_weight, dice_weight: weights of the two terms of the mask loss.
-        lm_weight: weight of the language loss in the total (METHOD.md section 3: 1).
+        lm_weight: weight of the language loss in the total (docs/METHOD.md section 3: 1).
         train_forward: ``fused`` or ``two_pass``.
         pack_rows: in training passes, pack the batch's rows (text and mask blocks, without
             padding) into as few rows as fit the longest one: the same results with less

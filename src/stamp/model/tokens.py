@@ -12,6 +12,17 @@ IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"
 
 
+def mark_masks(text: str) -> str:
+    """An answer as a person reads it: the k-th ``<|seg|>`` becomes ``[mask k]`` (k from 1)."""
+    parts = text.split(SEG_TOKEN)
+    out = parts[0]
+    for k, part in enumerate(parts[1:], start=1):
+        before = " " if out and not out[-1].isspace() else ""
+        after = " " if part[:1].isalnum() else ""  # "is <|seg|>." keeps its full stop in place
+        out += f"{before}[mask {k}]{after}{part}"
+    return " ".join(out.split())
+
+
 def add_stamp_tokens(tokenizer) -> int:
     """Add ``<|seg|>`` and ``<|mask|>`` as special tokens if missing; return how many were added."""
     missing = [t for t in (SEG_TOKEN, MASK_TOKEN) if t not in tokenizer.get_vocab()]

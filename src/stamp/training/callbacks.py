@@ -3,7 +3,9 @@ step time and peak memory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import time
 import warnings
@@ -12,10 +14,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from stamp.evaluation import StampScorer, predicted_cells, upsample
-from stamp.inference.generate import strip_seg
+from stamp.model.tokens import mark_masks
 from stamp.utils.overlay import overlay_grid
 
 # The scores are torchmetrics states summed over the processes before they are logged
@@ -31,6 +34,8 @@ class SegmentationScoring(L.Callback):
     Logs ``{stage}/giou``, ``{stage}/ciou`` (pixels), ``{stage}/ciou_cell``,
     ``{stage}/ciou_oracle``, ``{stage}/n_acc``, ``{stage}/t_acc``, ``{stage}/pr@X`` and
     ``{stage}/vqa_acc``; keeps the first ``examples`` predictions for overlays.
+    ``ciou_oracle`` is not a score of the model: it is the pixel cIoU of the true masks
+    quantised to the 28-px cells, the ceiling of a cell-level prediction, fixed by the data.
     """
 
     def __init__(self, examples: int = 8) -> None:
@@ -132,7 +137,7 @@ class WandbOverlays(L.Callback):
             masks.append(
                 {k: {"mask_data": label_map(m, shape), "class_labels": labels} for k, m in layers.items()}
             )
-            captions.append(f"{sample.prompt[-1]['content']} -> {strip_seg(answer)}")
+            captions.append(f"{sample.prompt[-1]['content']} -> {mark_masks(answer)}")
         wandb_logger.log_image(self.key, images, step=trainer.global_step, masks=masks, caption=captions)
 
 
@@ -144,21 +149,69 @@ def label_map(masks: list, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+class StepProgressBar(TQDMProgressBar):
+    """A training bar that counts optimizer steps, ``global_step/max_steps``, across epochs and
+    from the step a resumed run starts at. Runs without ``max_steps`` (epoch-based) keep
+    Lightning's bar per epoch."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_start(trainer, *args)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar, step = self.train_progress_bar, trainer.global_step
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = bar.last_print_n = step  # the rate counts this run's steps only
+        bar.set_description("train step")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and bar.n != step and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+
 class MetricsFile(L.Callback):
-    """Writes every logged scalar to ``metrics.json`` at the end of fitting (rank 0)."""
+    """Writes every logged scalar to ``metrics.json`` after each validation and at the end of
+    fitting (rank 0). A resumed run adds its values to the file's; an empty set of metrics (a
+    resumed run that had nothing left to train) never replaces the file."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
+        self.keep_old = True
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.keep_old = trainer.ckpt_path is not None  # a fresh run starts its own file
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._write(trainer)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            write_metrics(self.path, trainer.callback_metrics)
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        if trainer.is_global_zero and write_metrics(self.path, trainer.callback_metrics, self.keep_old):
+            self.keep_old = True
 
 
-def write_metrics(path: Path, metrics: dict) -> Path:
+def write_metrics(path: Path, metrics: dict, keep_old: bool = True) -> Path | None:
+    """Write ``metrics`` as JSON, atomically (a crash leaves the old file or the new one, never a
+    part). ``keep_old``: values of the existing file that ``metrics`` lacks stay. Nothing is
+    written when ``metrics`` is empty (returns None)."""
+    if not metrics:
+        return None
+    plain = {k: float(v) for k, v in metrics.items()}
+    if keep_old and path.is_file():
+        with contextlib.suppress(OSError, ValueError):  # an unreadable old file is replaced
+            plain = {**json.loads(path.read_text()), **plain}
     path.parent.mkdir(parents=True, exist_ok=True)
-    plain = {k: float(v) for k, v in sorted(metrics.items())}
-    path.write_text(json.dumps(plain, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(plain.items())), indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 

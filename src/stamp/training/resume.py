@@ -3,7 +3,9 @@
 ``ckpt_path=last`` resumes from ``<output_dir>/checkpoints/last.ckpt`` and fails, naming the
 path, when there is none (Lightning alone would warn and train from scratch). ``auto_resume=true``
 resumes from that file when it exists and starts fresh otherwise, so the same command can be
-re-run after a crash or a preemption (with a fixed ``hydra.run.dir``).
+re-run after a crash or a preemption (with a fixed ``hydra.run.dir``). A run resumed at its last
+step (killed during the final validation, or already finished) trains nothing and validates
+again (``stamp.cli.train.train``), so its results are written, never lost.
 
 What a resumed run restores, and who restores it:
 
