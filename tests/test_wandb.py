@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import lightning as L
@@ -71,9 +72,27 @@ def read_records(path: Path):
             yield record
 
 
-def read_run(run_dir: Path) -> dict:
-    """History keys, config, summary, run settings and exit code of an offline run."""
+def read_run(run_dir: Path, wait_s: float = 60.0) -> dict:
+    """History keys, config, summary, run settings and exit code of an offline run.
+
+    W&B's service process writes the file; it can still be flushing it for a moment after the
+    run's own process has returned. So the file is read again until it holds the run's exit
+    record (or ``wait_s`` is up, and the last reading is returned or its error raised).
+    """
     (path,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            out = parse_run(path)
+            if out["exit_code"] is not None or time.monotonic() > deadline:
+                return out
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
+def parse_run(path: Path) -> dict:
     out = {"history": {}, "config": {}, "summary": {}, "run": None, "exit_code": None}
     for r in read_records(path):
         kind = r.WhichOneof("record_type")
