@@ -79,7 +79,8 @@ def prefill(model: StampModel, batch: dict) -> State:
     cache = DynamicCache(config=model.qwen.config.text_config)
     mask = hybrid_spans(valid, [], 0, with_text=True, causal_blocks=False) if model.uses_spans else None
     mask = _causal(valid) if mask is None else mask  # sdpa_hybrid: each prompt causally, no (L, L) mask
-    hidden = model.run_language_model(model.embed(ids, features), positions, mask, cache)
+    deepstack = model.text_deepstack(ids, features)  # Qwen3-VL: at the image tokens; else None
+    hidden = model.run_language_model(model.embed(ids, features), positions, mask, cache, deepstack)
     nxt = model.qwen.lm_head(hidden[:, -1]).argmax(-1)
     return State(ids, valid, positions, cache, features, ids.shape[1], nxt)
 
@@ -146,7 +147,7 @@ def mask_forward(model: StampModel, segs: list[Seg], features, positions, valid,
     key_group = torch.cat([torch.full_like(idx, -1), blk.group], 1)
     query_key = (C + torch.arange(Q, device=valid.device)).expand(B, Q)
     mask = model.restrict(attention_mask(key_text, key_group, blk.limit, blk.group, query_key), query_key)
-    hidden = model.run_language_model(blk.embeds, blk.positions, mask, cache)
+    hidden = model.run_language_model(blk.embeds, blk.positions, mask, cache, blk.deepstack)
     return model.read_masks(hidden, segs, blk.starts)
 
 
@@ -170,7 +171,7 @@ def _mask_forward_spans(model: StampModel, segs, features, positions, valid, cac
     if spans is None:
         raise ValueError("sdpa_hybrid: a row's cached tokens are not one contiguous run")
     try:
-        hidden = model.run_language_model(blk.embeds, blk.positions, spans, cache)
+        hidden = model.run_language_model(blk.embeds, blk.positions, spans, cache, blk.deepstack)
     finally:
         if own:  # the block tokens were appended to the caller's cache: take them off again
             cache.crop(-blk.embeds.shape[1])
