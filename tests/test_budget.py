@@ -72,14 +72,18 @@ def test_bad_inputs_name_the_key():
 # ---- dry runs through the real configs --------------------------------------------------------
 
 
-def test_dry_run_of_the_tiny_model_matches_the_loaded_model(compose_cfg, make_model, capsys):
-    """Built from the tiny checkpoint's config.json on the meta device = the real model's counts."""
+@pytest.mark.parametrize("model, family", [("tiny", "qwen2_vl"), ("tiny_qwen3vl", "qwen3_vl")])
+def test_dry_run_of_the_tiny_model_matches_the_loaded_model(
+    compose_cfg, make_model_of, capsys, model, family
+):
+    """Built from the tiny checkpoint's config.json on the meta device = the real model's counts
+    (the tiny Qwen3-VL is built on first use by the dry run itself)."""
     from stamp.cli.train import train
 
-    cfg = compose_cfg(["train.dry_run=true", "trainer.precision=32-true"])
+    cfg = compose_cfg([f"model={model}", "train.dry_run=true", "trainer.precision=32-true"])
     metrics = train(cfg)
     out = capsys.readouterr().out
-    real, _ = make_model()
+    real, _ = make_model_of(family)
     total, trainable = count_parameters(real)
     assert metrics["dry_run/params"] == total and metrics["dry_run/trainable_params"] == trainable
     assert f"trainable parameters {trainable:,}" in out

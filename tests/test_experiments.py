@@ -36,7 +36,7 @@ def test_the_paper_experiments_exist():
     assert set(PAPER) <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("model", [None, "qwen2vl_2b", "qwen2vl_7b_lora"])
+@pytest.mark.parametrize("model", [None, "qwen2vl_2b", "qwen2vl_7b_lora", "qwen25vl_3b", "qwen3vl_2b"])
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_resolves(compose_cfg, experiment, model):
     """As `stamp-train -m experiment=<e> model=qwen2vl_2b,qwen2vl_7b_lora` would compose each job."""
@@ -48,6 +48,10 @@ def test_experiment_composes_and_resolves(compose_cfg, experiment, model):
         assert plain["model"]["backbone"] == "Qwen/Qwen2-VL-7B-Instruct" and plain["model"]["lora"]["r"] == 64
     elif model == "qwen2vl_2b":
         assert plain["model"]["backbone"] == "Qwen/Qwen2-VL-2B-Instruct" and plain["model"]["lora"] is None
+    elif model in ("qwen25vl_3b", "qwen3vl_2b"):  # the cross-family sweep of the README
+        family = {"qwen25vl_3b": "qwen2_5_vl", "qwen3vl_2b": "qwen3_vl"}[model]
+        assert plain["model"]["arch"]["model_type"] == family and plain["model"]["lora"] is None
+        assert plain["model"]["tiny_family"] is None
 
 
 def _keys(node, prefix: str = "") -> set[str]:
