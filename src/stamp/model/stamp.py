@@ -129,14 +129,20 @@ class StampModel(nn.Module):
     def language_model(self) -> nn.Module:
         return self.qwen.model.language_model
 
+    def vision(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None):
+        """Vision encoder + merger, as transformers returns it (``pooler_output``: one (N_i, D)
+        tensor of merged features per image; ``generate`` takes it as ``mm_encoder_outputs``),
+        or None without images."""
+        if pixel_values is None:
+            return None
+        return self.qwen.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+
     def encode_images(
         self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
     ) -> list[torch.Tensor]:
-        """Vision encoder + merger: one (N_i, D) tensor of merged features per image."""
-        if pixel_values is None:
-            return []
-        out = self.qwen.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        return list(out.pooler_output)
+        """One (N_i, D) tensor of merged features per image."""
+        out = self.vision(pixel_values, image_grid_thw)
+        return list(out.pooler_output) if out is not None else []
 
     def embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:
         """Token embeddings with each image's features placed at its ``<|image_pad|>`` tokens."""
