@@ -12,6 +12,8 @@ from stamp.cli import CONF_DIR
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the backbone families (stamp.model.families)
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
@@ -22,30 +24,77 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_dir):
-    """(StampModel, processor) on the tiny backbone, in eval mode, float32."""
+def tiny_dir_of(tmp_path_factory, tiny_dir):
+    """The embedded tiny model of a family (``qwen2_vl``: ``tiny_dir``), built once per session
+    when first asked for."""
+    from stamp.model.tiny import make_tiny
+
+    built = {"qwen2_vl": tiny_dir}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp("tiny") / f"tiny-{family}"
+            built[family] = make_tiny(out, seed=0, family=family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_of(tiny_dir_of):
+    """(StampModel, processor) on a family's tiny backbone, in eval mode, float32; one per
+    family and session."""
     from stamp.model.build import build_stamp
 
-    torch.manual_seed(0)
-    model, processor = build_stamp({"backbone": str(tiny_dir)})
-    return model.eval(), processor
+    models = {}
+
+    def get(family: str):
+        if family not in models:
+            torch.manual_seed(0)
+            model, processor = build_stamp({"backbone": str(tiny_dir_of(family))})
+            models[family] = (model.eval(), processor)
+        return models[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_of):
+    """(StampModel, processor) on the tiny backbone, in eval mode, float32."""
+    return tiny_of("qwen2_vl")
 
 
 @pytest.fixture
-def make_model(tiny_dir):
-    """Factory of fresh tiny StampModels with settings overridden."""
+def make_model_of(tiny_dir_of):
+    """Factory of fresh tiny StampModels of a family, with settings overridden."""
     from stamp.model.build import build_stamp
 
-    def make(**overrides):
+    def make(family: str, **overrides):
         torch.manual_seed(0)
-        model, processor = build_stamp({"backbone": str(tiny_dir), **overrides})
+        model, processor = build_stamp({"backbone": str(tiny_dir_of(family)), **overrides})
         return model, processor
 
     return make
 
 
 @pytest.fixture
-def compose_cfg(tiny_dir, tmp_path):
+def make_model(make_model_of):
+    """Factory of fresh tiny (Qwen2-VL) StampModels with settings overridden."""
+
+    def make(**overrides):
+        return make_model_of("qwen2_vl", **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def first_use_root(tmp_path_factory) -> Path:
+    """Where the configs' other tiny backbones go (built there on first use, as in a fresh clone)."""
+    return tmp_path_factory.mktemp("first-use")
+
+
+@pytest.fixture
+def compose_cfg(tiny_dir, first_use_root, tmp_path):
     """Compose the real Hydra config with test overrides (CPU, tmp output, the session's tiny)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
@@ -55,6 +104,8 @@ def compose_cfg(tiny_dir, tmp_path):
             cfg = compose(config, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
             cfg.paths.tiny_dir = str(tiny_dir)
+            cfg.paths.tiny_qwen25vl_dir = str(first_use_root / "tiny-qwen25vl")
+            cfg.paths.tiny_qwen3vl_dir = str(first_use_root / "tiny-qwen3vl")
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.paths.log_dir = str(tmp_path / "logs")
             cfg.hydra.runtime.output_dir = str(tmp_path / "run")

@@ -96,3 +96,94 @@ def test_flash_if_installed_loads_without_flash_attn(tiny_dir):
     model, _ = load_backbone(str(tiny_dir), vision_attn_implementation="flash_if_installed")
     assert model.config.vision_config._attn_implementation == "sdpa"
     assert model.config.text_config._attn_implementation == "sdpa"
+
+
+# -- the backbone families -----------------------------------------------------------------------
+
+# parameter counts of the backbones as built from their arch: blocks (the published sizes:
+# Qwen2.5-VL-3B 3.75 B, -7B 8.29 B; Qwen3-VL-2B 2.13 B, -4B 4.44 B, -8B 8.77 B)
+FAMILY_CONFIGS = {
+    "qwen25vl_3b": ("qwen2_5_vl", 3.70e9, 3.80e9),
+    "qwen25vl_7b_lora": ("qwen2_5_vl", 8.2e9, 8.4e9),
+    "qwen3vl_2b": ("qwen3_vl", 2.08e9, 2.18e9),
+    "qwen3vl_4b": ("qwen3_vl", 4.39e9, 4.49e9),
+    "qwen3vl_8b_lora": ("qwen3_vl", 8.7e9, 8.85e9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
+def test_family_configs_build_on_meta(compose_cfg, name):
+    family, low, high = FAMILY_CONFIGS[name]
+    cfg, arch = _arch(compose_cfg, name)
+    model = build_on_meta(arch)
+    assert model.config.model_type == family
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert low < n < high, n
+    assert cfg.model.tiny_family is None and cfg.model.dtype == "bfloat16"
+    cell = 32 if family == "qwen3_vl" else 28
+    assert (cfg.model.min_pixels, cfg.model.max_pixels) == (1024 * cell * cell, 1280 * cell * cell)
+    if name.endswith("_lora"):  # STAMP-7B's LoRA recipe
+        lora = cfg.model.lora
+        assert (lora.r, lora.alpha, lora.use_rslora, lora.dropout) == (64, 128, True, 0.05)
+    else:
+        assert cfg.model.lora is None and cfg.model.gradient_checkpointing
+
+
+def _lora_trainable_vision(model, lora) -> list[str]:
+    peft_model = apply_lora(model, lora)
+    return [n for n, p in peft_model.named_parameters() if p.requires_grad and ".visual." in n]
+
+
+def test_qwen25vl_lora_leaves_the_vision_tower_frozen(compose_cfg, tiny_dir_of):
+    """Qwen2.5-VL's vision MLPs are named like the language model's (gate/up/down_proj): the
+    7B LoRA config excludes them, so only the language model is adapted, as in STAMP-7B."""
+    from stamp.model.backbone import load_backbone
+
+    lora = OmegaConf.to_container(compose_cfg(["model=qwen25vl_7b_lora"]).model.lora, resolve=True)
+    model, _ = load_backbone(str(tiny_dir_of("qwen2_5_vl")))
+    assert _lora_trainable_vision(model, lora) == []
+    model, _ = load_backbone(str(tiny_dir_of("qwen2_5_vl")))
+    without = _lora_trainable_vision(model, {**lora, "exclude_modules": None})
+    assert any("mlp.gate_proj.lora_A" in n for n in without), without  # what the exclusion prevents
+
+
+def test_recurrent_and_unknown_backbones_are_refused(tmp_path):
+    """A decoder with linear-attention layers cannot run a bidirectional block through a mask:
+    refused with the reason, from its config alone (before any weight is read)."""
+    from transformers import Qwen3_5Config
+
+    from stamp.model.families import family_of
+
+    with pytest.raises(
+        ValueError, match=r"recurrent/linear-attention layers \(layer_types \['linear_attention'\]\)"
+    ):
+        family_of(Qwen3_5Config())
+    with pytest.raises(ValueError, match=r"recurrent/linear-attention layers \(model_type 'qwen3_next'\)"):
+        build_on_meta({"model_type": "qwen3_next"})
+    with pytest.raises(ValueError, match=r"model_type 'llava' is not a supported family"):
+        family_of({"model_type": "llava"})
+    Qwen3_5Config().save_pretrained(tmp_path / "qwen35")  # a config, no weights at all
+    with pytest.raises(ValueError, match=r"model.backbone: STAMP cannot use this backbone: its decoder"):
+        load_backbone(str(tmp_path / "qwen35"))
+    assert family_of({"model_type": "qwen3_vl"}) == "qwen3_vl"
+
+
+def test_tiny_families_keep_their_mechanics(tiny_dir_of):
+    """The tiny Qwen2.5-VL has window attention and a full-attention block; the tiny Qwen3-VL has
+    16-px patches (32-px cells), interleaved M-RoPE and DeepStack from both vision blocks."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from stamp.data.collate import cell_pixels
+
+    q25 = AutoConfig.from_pretrained(tiny_dir_of("qwen2_5_vl"))
+    assert q25.model_type == "qwen2_5_vl"
+    assert (q25.vision_config.window_size, list(q25.vision_config.fullatt_block_indexes)) == (112, [1])
+    q3 = AutoConfig.from_pretrained(tiny_dir_of("qwen3_vl"))
+    assert q3.model_type == "qwen3_vl" and q3.vision_config.patch_size == 16
+    assert list(q3.vision_config.deepstack_visual_indexes) == [0, 1]
+    assert q3.text_config.rope_parameters["mrope_interleaved"] is True
+    assert sum(q3.text_config.rope_parameters["mrope_section"]) == q3.text_config.head_dim // 2
+    cells = {
+        f: cell_pixels(AutoProcessor.from_pretrained(tiny_dir_of(f))) for f in ("qwen2_5_vl", "qwen3_vl")
+    }
+    assert cells == {"qwen2_5_vl": 28, "qwen3_vl": 32}

@@ -20,21 +20,25 @@ from stamp.inference.segmenter import SegmentationResult, Segmenter
 from stamp.model.tokens import IM_END, SEG_TOKEN
 from tests.helpers import square_sample
 
-WORD = "square"
+# per family (its tiny model's random head differs): the word, and the bias of <|im_end|> beside
+# 50 for <|seg|> and the word, picked so that the answers mix them (the test checks the mix)
+BIAS = {"qwen2_vl": ("square", 50.0), "qwen2_5_vl": ("square", 48.5), "qwen3_vl": ("square", 49.0)}
 MAX_NEW = 8
 HISTORY = [("Segment the red square.", f"Sure, it is {SEG_TOKEN}."), ("And the other one?", f"{SEG_TOKEN}")]
 
 
-def biased_segmenter(make_model, **overrides) -> Segmenter:
-    """A tiny model that answers with ``<|seg|>``, ``red`` and ``<|im_end|>`` (which one depends
-    on the context), and the generation defaults of a real Qwen checkpoint planted on it."""
-    model, processor = make_model(**overrides)
+def biased_segmenter(make_model_of, family: str = "qwen2_vl", **overrides) -> Segmenter:
+    """A tiny model of ``family`` that answers with ``<|seg|>``, one word and ``<|im_end|>``
+    (which one depends on the context), with the generation defaults of a real Qwen checkpoint
+    planted on it."""
+    model, processor = make_model_of(family, **overrides)
     tok = processor.tokenizer
     head = model.qwen.lm_head
+    word, end = BIAS[family]
+    chosen = [tok.convert_tokens_to_ids(SEG_TOKEN), tok(word, add_special_tokens=False).input_ids[0]]
+    chosen.append(tok.convert_tokens_to_ids(IM_END))
     bias = torch.zeros(head.out_features)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in (SEG_TOKEN, IM_END)}
-    word = tok(WORD, add_special_tokens=False).input_ids[0]
-    bias[[ids[SEG_TOKEN], word, ids[IM_END]]] = torch.tensor([50.0, 50.0, 50.0])
+    bias[chosen] = torch.tensor([50.0, 50.0, end])
     head.bias = torch.nn.Parameter(bias, requires_grad=False)
     gc = model.qwen.generation_config  # as Qwen2-VL-7B-Instruct's generation_config.json
     gc.repetition_penalty, gc.top_k, gc.top_p, gc.temperature = 1.3, 1, 0.001, 0.01
@@ -98,10 +102,13 @@ def until_stop(tokens: torch.Tensor, stop: list[int]) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "sdpa_hybrid"])
-def test_greedy_answers_and_masks_equal_references(make_model, attention):
+@pytest.mark.parametrize(
+    "family,attention",
+    [("qwen2_vl", "sdpa"), ("qwen2_vl", "sdpa_hybrid"), ("qwen2_5_vl", "sdpa"), ("qwen3_vl", "sdpa")],
+)
+def test_greedy_answers_and_masks_equal_references(make_model_of, family, attention):
     """Batched, left-padded, several <|seg|> per answer, multi-turn history, rows stopping early."""
-    seg = biased_segmenter(make_model, attn_implementation=attention)
+    seg = biased_segmenter(make_model_of, family, attn_implementation=attention)
     model, tok = seg.model, seg.processor.tokenizer
     images, questions, histories = chats()
     batch, _ = seg.inputs(images, questions, None, histories)
@@ -126,9 +133,10 @@ def test_greedy_answers_and_masks_equal_references(make_model, attention):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
-def test_seg_generated_last_is_run_into_the_cache(make_model):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_seg_generated_last_is_run_into_the_cache(make_model_of, family):
     """``generate`` never feeds its last token: a <|seg|> generated last still gets its mask."""
-    seg = biased_segmenter(make_model)
+    seg = biased_segmenter(make_model_of, family)
     seg.model.qwen.lm_head.bias[seg.model.seg_token_id] += 100.0  # nothing but <|seg|>
     images, questions, _ = chats(2)
     batch, _ = seg.inputs(images, questions)
@@ -152,14 +160,18 @@ def answer_ids(rows, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "settings",
-    [{"do_sample": True, "temperature": 2.0, "top_k": 3}, {"num_beams": 3}],
-    ids=["sample", "beams"],
+    "family,settings",
+    [
+        ("qwen2_vl", {"do_sample": True, "temperature": 2.0, "top_k": 3}),
+        ("qwen2_vl", {"num_beams": 3}),
+        ("qwen3_vl", {"num_beams": 3}),
+    ],
+    ids=["sample", "beams", "beams-qwen3_vl"],
 )
-def test_sampling_and_beam_search_masks_equal_training_path(make_model, settings):
+def test_sampling_and_beam_search_masks_equal_training_path(make_model_of, family, settings):
     """Other decoding modes: the masks of whatever was answered equal the training forward's on
     the same answers; beam search goes through the documented re-prefill."""
-    seg = biased_segmenter(make_model)
+    seg = biased_segmenter(make_model_of, family)
     tok = seg.processor.tokenizer
     images, questions, histories = chats(4)
     batch, _ = seg.inputs(images, questions, None, histories)
@@ -197,8 +209,8 @@ def test_generation_settings_are_checked(tiny):
     assert generation_config({"do_sample": True, "temperature": 0.7}, tok).temperature == 0.7
 
 
-def test_stream_yields_the_growing_answer_then_the_result(make_model):
-    seg = biased_segmenter(make_model)
+def test_stream_yields_the_growing_answer_then_the_result(make_model_of):
+    seg = biased_segmenter(make_model_of)
     image = square_sample().image
     items = list(seg.stream(image, "Segment the red square.", history=HISTORY))
     *partial, result = items
@@ -211,8 +223,8 @@ def test_stream_yields_the_growing_answer_then_the_result(make_model):
         assert np.array_equal(a, b)
 
 
-def test_streamer_refuses_batches_and_stream_reraises(make_model):
-    seg = biased_segmenter(make_model)
+def test_streamer_refuses_batches_and_stream_reraises(make_model_of):
+    seg = biased_segmenter(make_model_of)
     streamer = AnswerStreamer(seg.processor.tokenizer, print)
     with pytest.raises(ValueError, match="one question at a time"):
         streamer.put(torch.zeros(2, 3, dtype=torch.long))

@@ -191,3 +191,22 @@ def test_missing_sam_checkpoint(tmp_path):
         SamRefiner.from_checkpoint(str(tmp_path / "sam_vit_h_4b8939.pth"))
     with pytest.raises(ValueError, match="unknown sam.model_type"):
         SamRefiner.from_checkpoint(str(tmp_path / "x.pth"), model_type="vit_z")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # qwen2_vl: the tests above
+def test_export_and_reload_each_family(tiny_of, family, tmp_path):
+    """A family's model exported with ``save_stamp`` and reloaded by ``Segmenter.from_pretrained``
+    gives the masks of the model it was saved from (its settings travel in stamp.json)."""
+    from stamp.data.collate import StampCollator, cell_pixels
+
+    model, processor = tiny_of(family)
+    seg = Segmenter.from_pretrained(save_stamp(model, processor, tmp_path / "m"), device="cpu")
+    assert seg.model.family == family
+    assert seg.model.deepstack_mask_tokens == model.deepstack_mask_tokens
+    assert cell_pixels(seg.processor) == (32 if family == "qwen3_vl" else 28)
+    sample = square_sample(size=140)
+    r = seg.segment(sample.image, "Segment the red square.", answer=sample.messages[1]["content"])
+    with torch.no_grad():
+        want = model(StampCollator(processor)([sample])).mask_logits
+    assert len(r.cell_logits) == len(want) == 1
+    torch.testing.assert_close(r.cell_logits[0], want[0], rtol=0, atol=1e-4)

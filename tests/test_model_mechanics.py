@@ -1,6 +1,12 @@
-"""The mask block's mechanics: attention, positions, equivalences (docs/METHOD.md sections 2 and 5)."""
+"""The mask block's mechanics: attention, positions, equivalences (docs/METHOD.md sections 2 and 5).
+
+Every test that takes ``tiny`` or ``make_model`` runs once per backbone family (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL), each on its embedded tiny model.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -8,9 +14,28 @@ import torch
 from stamp.data.collate import StampCollator
 from stamp.data.synthetic import SyntheticScenes
 from stamp.inference.generate import answer_starts, generate_with_masks, mask_forward, prefill
+from stamp.model.families import MASK_MAPPING_FAMILIES
 from stamp.model.mask_block import attention_mask, block_positions, pack_plan
 from stamp.model.tokens import SEG_TOKEN
+from tests.conftest import FAMILIES
 from tests.helpers import qwen_inputs, square_sample
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(family, tiny_of):
+    """This module's ``tiny``: the family's tiny model (session-scoped per family)."""
+    return tiny_of(family)
+
+
+@pytest.fixture
+def make_model(family, make_model_of):
+    """This module's ``make_model``: fresh models of the family's tiny backbone."""
+    return functools.partial(make_model_of, family)
 
 
 def _masks(model, processor, samples):
@@ -95,9 +120,9 @@ def test_positions_hand_computed(tiny, monkeypatch):
     seen = {}
     real = model.run_language_model
 
-    def spy(embeds, positions, mask, cache=None):
+    def spy(embeds, positions, mask, cache=None, deepstack=None):
         seen["positions"] = positions.clone()
-        return real(embeds, positions, mask, cache)
+        return real(embeds, positions, mask, cache, deepstack)
 
     monkeypatch.setattr(model, "run_language_model", spy)
     rows = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
@@ -318,6 +343,8 @@ def test_sdpa_fp32_attention(make_model, monkeypatch):
 
 def _hybrid_and_dense(make_model, **settings):
     dense, processor = make_model(**settings)
+    if dense.family not in MASK_MAPPING_FAMILIES:
+        pytest.skip(f"sdpa_hybrid is refused for {dense.family} (test_hybrid_attention_refused_for_qwen3vl)")
     hybrid, _ = make_model(attn_implementation="sdpa_hybrid", **settings)
     return dense.eval(), hybrid.eval(), processor
 
@@ -419,3 +446,64 @@ def test_hybrid_cached_mask_forward_equals_dense(make_model, attention):
         dense, StampCollator(processor, "generate")(samples[:4]), processor.tokenizer, 6
     )
     assert [r.text for r in generated] == [r.text for r in reference]
+
+
+def test_hybrid_attention_refused_for_qwen3vl(make_model_of):
+    """Qwen3-VL's language model builds its own mask from ``attention_mask``: the spans could not
+    reach its layers, so ``sdpa_hybrid`` is refused with the reason (not run as a causal block)."""
+    with pytest.raises(
+        ValueError, match=r"attn_implementation='sdpa_hybrid' is not available for the qwen3_vl"
+    ):
+        make_model_of("qwen3_vl", attn_implementation="sdpa_hybrid")
+
+
+# -- Qwen3-VL's DeepStack ------------------------------------------------------------------------
+
+
+def test_deepstack_reaches_the_image_tokens_and_the_switch_reaches_the_mask_tokens(make_model_of):
+    """The image tokens get their DeepStack features in every setting (the LM path equals
+    transformers' forward, which adds them); the mask tokens get them only with
+    ``deepstack_mask_tokens``, which changes the mask logits but none of the text's."""
+    samples = _mixed_batch(None)
+    outs = {}
+    for on in (True, False):
+        model, processor = make_model_of("qwen3_vl", deepstack_mask_tokens=on)
+        model.eval()
+        batch = StampCollator(processor)(samples)
+        with torch.no_grad():
+            outs[on] = model(batch, return_lm_logits=True)
+            ref = model.qwen(**qwen_inputs(batch)).logits
+        valid = batch["attention_mask"].bool()
+        torch.testing.assert_close(outs[on].lm_logits[valid], ref[valid], rtol=0, atol=1e-5)
+    # the mask tokens' DeepStack features make a difference to the masks...
+    diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(outs[True].mask_logits, outs[False].mask_logits, strict=True)
+    )
+    assert diff > 1e-3, diff
+    # ...and none to the text, which never sees the blocks
+    torch.testing.assert_close(outs[True].lm_logits[valid], outs[False].lm_logits[valid], rtol=0, atol=1e-6)
+    # and the language model run without the DeepStack inputs gives other logits: they really count
+    with torch.no_grad():
+        feats = model.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        bare = model.language_model(
+            inputs_embeds=model.embed(batch["input_ids"], feats),
+            attention_mask=batch["attention_mask"],
+            position_ids=model.text_positions(batch),
+        ).last_hidden_state
+    assert (model.qwen.lm_head(bare)[valid] - ref[valid]).abs().max() > 1e-3
+
+
+def test_cached_inference_equals_training_without_mask_token_deepstack(make_model_of):
+    """``deepstack_mask_tokens=false``: the cached mask forward still equals the training path."""
+    model, processor = make_model_of("qwen3_vl", deepstack_mask_tokens=False)
+    model.eval()
+    samples = _mixed_batch(processor)
+    with torch.no_grad():
+        train_logits = model(StampCollator(processor)(samples)).mask_logits
+    batch = StampCollator(processor, "generate", teacher_forcing=True)(samples)
+    rows = generate_with_masks(model, batch, processor.tokenizer, teacher_forcing=True)
+    cached = [lg for r in rows for lg in r.cell_logits]
+    assert len(cached) == len(train_logits) >= 8
+    for a, b in zip(cached, train_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

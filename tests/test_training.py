@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +12,13 @@ from stamp.data.collate import StampCollator
 from stamp.data.synthetic import SyntheticScenes
 from stamp.metrics import SegmentationMetrics
 from stamp.training.module import param_groups
+from tests.conftest import FAMILIES
 
 
 @pytest.mark.slow
-def test_tiny_overfits_eight_samples(make_model):
-    model, processor = make_model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_overfits_eight_samples(make_model_of, family):
+    model, processor = make_model_of(family)
     model.train()
     ds = SyntheticScenes("train", size=100, kind_weights={"refer": 1.0})
     batch = StampCollator(processor)([ds[i] for i in range(8)])
@@ -36,12 +39,18 @@ def test_tiny_overfits_eight_samples(make_model):
     assert ciou >= 0.95, ciou
 
 
-def test_train_entry_point_end_to_end(compose_cfg, tmp_path):
+@pytest.mark.parametrize(
+    "model", ["tiny", pytest.param("tiny_qwen25vl", marks=pytest.mark.slow), "tiny_qwen3vl"]
+)
+def test_train_entry_point_end_to_end(compose_cfg, tmp_path, model):
+    """The demo recipe on each family's tiny model; the Qwen2.5-VL and Qwen3-VL ones are built on
+    first use (their directories do not exist before the run)."""
     from stamp.cli.train import train
 
     cfg = compose_cfg(
         [
             "experiment=demo",
+            f"model={model}",
             "trainer.max_steps=3",
             "data.batch_size=4",
             "data.val.size=8",
@@ -53,6 +62,9 @@ def test_train_entry_point_end_to_end(compose_cfg, tmp_path):
     )
     metrics = train(cfg)
     out = tmp_path / "run"
+    family = {"tiny": "qwen2_vl", "tiny_qwen25vl": "qwen2_5_vl", "tiny_qwen3vl": "qwen3_vl"}[model]
+    for where in (cfg.model.backbone, out / "model"):  # the backbone it built or found, the export
+        assert json.loads((Path(where) / "config.json").read_text())["model_type"] == family
     saved = json.loads((out / "metrics.json").read_text())
     for key in (
         "train/loss",

@@ -1,4 +1,5 @@
-"""Turning ``Sample`` chats into model batches with the checkpoint's own Qwen2-VL processor."""
+"""Turning ``Sample`` chats into model batches with the checkpoint's own processor (Qwen2-VL,
+Qwen2.5-VL or Qwen3-VL: the cell size comes from its image processor)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import torch.nn.functional as F
 from stamp.data.sample import Sample
 from stamp.model.tokens import IM_END
 
-CELL = 28  # pixels per mask cell: 14-pixel patches merged 2x2
+CELL = 28  # pixels per mask cell of Qwen2-VL and Qwen2.5-VL (14-px patches merged 2x2); see cell_pixels
+
+
+def cell_pixels(processor) -> int:
+    """Pixels per side of one mask cell: the image processor's patch size times its merge size
+    (28 for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL's 16-px patches)."""
+    image = processor.image_processor
+    return int(image.patch_size) * int(image.merge_size)
 
 
 def conversation(messages: list[dict[str, str]], with_image: bool) -> list[dict[str, Any]]:
@@ -37,11 +45,11 @@ def cell_mask(mask: np.ndarray | torch.Tensor, grid_hw: tuple[int, int]) -> torc
     return (small > 0.5).float()
 
 
-def check_image(sample: Sample) -> None:
-    if sample.image is not None and min(sample.image.size) < CELL:
+def check_image(sample: Sample, cell: int = CELL) -> None:
+    if sample.image is not None and min(sample.image.size) < cell:
         w, h = sample.image.size
         raise ValueError(
-            f"sample {sample.id!r}: image is {w}x{h} pixels, smaller than one {CELL}x{CELL} mask cell"
+            f"sample {sample.id!r}: image is {w}x{h} pixels, smaller than one {cell}x{cell} mask cell"
         )
 
 
@@ -65,6 +73,7 @@ class StampCollator:
         self.header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
         self.im_end = tok.convert_tokens_to_ids(IM_END)
         self.merge = processor.image_processor.merge_size
+        self.cell = cell_pixels(processor)
 
     def texts(self, s: Sample) -> str:
         if self.mode == "train" or self.teacher_forcing:
@@ -75,7 +84,7 @@ class StampCollator:
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
         for s in samples:
-            check_image(s)
+            check_image(s, self.cell)
         tok = self.processor.tokenizer
         tok.padding_side = "right" if self.mode == "train" else "left"
         images = [s.image.convert("RGB") for s in samples if s.image is not None]

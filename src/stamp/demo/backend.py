@@ -26,7 +26,9 @@ from stamp.utils.overlay import empty_masks_note, mask_image, overlay
 
 log = logging.getLogger(__name__)
 
-MIN_SIDE = 28  # one cell of the vision encoder; Qwen2-VL's processor refuses smaller images
+MIN_SIDE = (
+    28  # one Qwen2-VL cell; smaller images are refused (Qwen3-VL's processor rounds up to its 32-px cell)
+)
 # Chat-template markers such as <|im_end|> or <|seg|> typed into a request would be read as
 # special tokens and could forge turns; they are removed from requests.
 SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")

@@ -141,10 +141,10 @@ def extend(model: StampModel, ids, valid, positions, features, cache: DynamicCac
     idx = torch.arange(L, device=ids.device).expand(B, L)
     key_text = torch.where(valid, idx, -1)
     if start == 0:
-        embeds = model.embed(ids, features)
+        embeds, deepstack = model.embed(ids, features), model.text_deepstack(ids, features)
         spans = hybrid_spans(valid, [], 0, with_text=True, causal_blocks=False) if model.uses_spans else None
     else:  # generated tokens only: no image in them
-        embeds, spans = model.language_model.embed_tokens(ids[:, start:]), None
+        embeds, deepstack, spans = model.language_model.embed_tokens(ids[:, start:]), None, None
     query = key_text[:, start:]
     none = torch.full_like(query, -1)
     mask = (
@@ -152,7 +152,7 @@ def extend(model: StampModel, ids, valid, positions, features, cache: DynamicCac
         if spans is not None
         else attention_mask(key_text, torch.full_like(idx, -1), query, none, idx[:, start:])
     )
-    return model.run_language_model(embeds, positions[..., start:], mask, cache)
+    return model.run_language_model(embeds, positions[..., start:], mask, cache, deepstack)
 
 
 def rows_of_cache(cache: DynamicCache, rows: torch.Tensor, config) -> DynamicCache:
@@ -187,7 +187,7 @@ def mask_forward(model: StampModel, segs: list[Seg], features, positions, valid,
     key_group = torch.cat([torch.full_like(idx, -1), blk.group], 1)
     query_key = (C + torch.arange(Q, device=valid.device)).expand(B, Q)
     mask = model.restrict(attention_mask(key_text, key_group, blk.limit, blk.group, query_key), query_key)
-    hidden = model.run_language_model(blk.embeds, blk.positions, mask, cache)
+    hidden = model.run_language_model(blk.embeds, blk.positions, mask, cache, blk.deepstack)
     return model.read_masks(hidden, segs, blk.starts)
 
 
@@ -211,7 +211,7 @@ def _mask_forward_spans(model: StampModel, segs, features, positions, valid, cac
     if spans is None:
         raise ValueError("sdpa_hybrid: a row's cached tokens are not one contiguous run")
     try:
-        hidden = model.run_language_model(blk.embeds, blk.positions, spans, cache)
+        hidden = model.run_language_model(blk.embeds, blk.positions, spans, cache, blk.deepstack)
     finally:
         if own:  # the block tokens were appended to the caller's cache: take them off again
             cache.crop(-blk.embeds.shape[1])
@@ -246,7 +246,7 @@ def generate(model: StampModel, batch: dict, config: GenerationConfig, streamer=
     its cache (under beam search, whose cache rows are beams, a new prefill of the answers)."""
     ids, valid, grid = batch["input_ids"], batch["attention_mask"].bool(), batch.get("image_grid_thw")
     images = model.vision(batch.get("pixel_values"), grid)
-    features = list(images.pooler_output) if images is not None else []  # before generate() expands
+    features = model.image_features(images)  # taken before generate() expands them (beam search)
     vision = {"image_grid_thw": grid, "mm_encoder_outputs": {"image": images}} if images is not None else {}
     out = model.qwen.generate(
         input_ids=ids,
@@ -258,7 +258,9 @@ def generate(model: StampModel, batch: dict, config: GenerationConfig, streamer=
     )
     P, seq = ids.shape[1], out.sequences
     eos = config.eos_token_id
-    stop = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=seq.device)
+    stop = torch.tensor(
+        [] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=seq.device
+    )
     ctx = Context(
         ids=seq,
         valid=torch.cat([valid, until_stop(seq[:, P:], stop)], 1),

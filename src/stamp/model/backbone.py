@@ -1,4 +1,5 @@
-"""Loading a Qwen2-VL backbone (checkpoint directory or hub id) through transformers' own classes."""
+"""Loading a backbone (checkpoint directory or hub id) of a supported family (``families``:
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL) through transformers' own classes."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
 
 from stamp.model import attention  # noqa: F401  (registers the sdpa_fp32 implementation)
+from stamp.model.families import config_class, family_of, model_class
 from stamp.model.tokens import add_stamp_tokens, resize_embeddings
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,8 @@ def check_source(name_or_path: str) -> None:
     if not p.exists():
         hint = " (run `stamp-make-tiny` to create the embedded tiny model)" if "tiny" in name_or_path else ""
         raise FileNotFoundError(
-            f"model path {name_or_path!r} does not exist; expected a Qwen2-VL checkpoint directory "
-            f"with config.json, or a hub id such as 'Qwen/Qwen2-VL-2B-Instruct'{hint}"
+            f"model path {name_or_path!r} does not exist; expected a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
+            f"checkpoint directory with config.json, or a hub id such as 'Qwen/Qwen2-VL-2B-Instruct'{hint}"
         )
     if not (p / "config.json").is_file():
         raise FileNotFoundError(
@@ -137,16 +139,18 @@ def load_backbone(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     key: str = "model.backbone",
-) -> tuple[Qwen2VLForConditionalGeneration, Any]:
+) -> tuple[PreTrainedModel, Any]:
     """Load model and processor, add ``<|seg|>``/``<|mask|>`` and grow the embeddings if needed
-    (``key``: the setting that names the model, for error messages)."""
+    (``key``: the setting that names the model, for error messages). The model class is the
+    family's own (``families``); a backbone STAMP cannot run on is refused before any weight loads."""
     check_source(name_or_path)
     hub = {} if Path(name_or_path).expanduser().exists() else hub_kwargs(name_or_path, key)
     proc_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     try:
+        family = family_of(AutoConfig.from_pretrained(name_or_path, **hub), key)
         processor = AutoProcessor.from_pretrained(name_or_path, **proc_kwargs, **hub)
         with own_load_report():
-            model, info = Qwen2VLForConditionalGeneration.from_pretrained(
+            model, info = model_class(family).from_pretrained(
                 name_or_path,
                 dtype=parse_dtype(dtype),
                 output_loading_info=True,
@@ -193,13 +197,19 @@ def report_load(name_or_path: str, info: dict) -> None:
             log.warning("%s: %d weight(s) %s: %s", name_or_path, len(keys), what, ", ".join(keys[:20]))
 
 
-def build_on_meta(arch: dict[str, Any], extra_tokens: int = 2) -> Qwen2VLForConditionalGeneration:
-    """Build the architecture from a config dict on the meta device (no memory, no weights)."""
+def build_on_meta(arch: dict[str, Any], extra_tokens: int = 2) -> PreTrainedModel:
+    """Build the architecture from a config dict on the meta device (no memory, no weights).
+
+    ``arch["model_type"]`` names the family (default ``qwen2_vl``); ``tokenizer_len``, when
+    given, is the tokenizer's length before STAMP's ``extra_tokens``.
+    """
     arch = dict(arch)
     tokenizer_len = arch.pop("tokenizer_len", None)
-    config = Qwen2VLConfig(**arch)
+    family = family_of(arch, "model.arch")
+    arch.pop("model_type", None)
+    config = config_class(family)(**arch)
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = model_class(family)(config)
     if tokenizer_len is not None:
         resize_embeddings(model, tokenizer_len + extra_tokens)
     return model

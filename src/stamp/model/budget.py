@@ -142,7 +142,7 @@ def meta_stamp(model_cfg: Mapping[str, Any]):
 
 
 def _meta_from_checkpoint(path: str):
-    from transformers import AutoTokenizer, Qwen2VLConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from stamp.model.backbone import build_on_meta
     from stamp.model.tokens import MASK_TOKEN, SEG_TOKEN, add_stamp_tokens
@@ -154,7 +154,7 @@ def _meta_from_checkpoint(path: str):
         )
     tok = AutoTokenizer.from_pretrained(path)
     add_stamp_tokens(tok)
-    arch = Qwen2VLConfig.from_pretrained(path).to_dict()
+    arch = AutoConfig.from_pretrained(path).to_dict()  # its model_type names the family
     arch["tokenizer_len"] = len(tok)
     seg_id, mask_id = tok.convert_tokens_to_ids(SEG_TOKEN), tok.convert_tokens_to_ids(MASK_TOKEN)
     if mask_id != seg_id + 1:

@@ -1,6 +1,6 @@
 """Building a ``StampModel`` from a model config, and saving/loading STAMP checkpoint directories.
 
-A STAMP checkpoint directory is an ordinary Qwen2-VL checkpoint (``save_pretrained`` of the
+A STAMP checkpoint directory is an ordinary checkpoint of its backbone family (``save_pretrained`` of the
 backbone and the processor, tokenizer with ``<|seg|>``/``<|mask|>``) plus two files:
 ``stamp_head.safetensors`` (the mask head) and ``stamp.json`` (the STAMP settings).
 """
@@ -46,7 +46,9 @@ def apply_lora(backbone, lora: Mapping[str, Any], new_tokens: list[int] = ()):
         target_modules=list(lora["target_modules"]),
         modules_to_save=save,
         trainable_token_indices=rows or None,
-        # the vision tower has no module with these names, so only the language model is adapted
+        # Qwen2-VL's and Qwen3-VL's vision towers have no module with these names; Qwen2.5-VL's
+        # MLPs do, and its config excludes them (lora.exclude_modules)
+        exclude_modules=lora.get("exclude_modules") or None,
     )
     return get_peft_model(backbone, config)
 
@@ -86,17 +88,24 @@ def stamp_with_token_ids(
         lm_weight=cfg.get("lm_weight", 1.0),
         train_forward=cfg.get("train_forward", "fused"),
         pack_rows=cfg.get("pack_rows", False),
+        deepstack_mask_tokens=cfg.get("deepstack_mask_tokens", True),
     )
 
 
 def build_stamp(cfg: Mapping[str, Any]) -> tuple[StampModel, Any]:
     """Load the backbone named by ``cfg["backbone"]`` and build the STAMP model around it.
 
-    If the backbone directory is itself a STAMP checkpoint, its mask head is loaded too.
+    If the backbone directory is itself a STAMP checkpoint, its mask head is loaded too. With
+    ``cfg["tiny_family"]`` (the embedded tiny models), a missing backbone directory is built
+    first (``stamp-make-tiny --family ...`` does the same).
     """
     if cfg.get("random_weights"):
         backbone, processor = random_backbone_from(cfg)
         return stamp_from_backbone(backbone, processor, cfg), processor
+    if cfg.get("tiny_family"):
+        from stamp.model.tiny import ensure_tiny
+
+        ensure_tiny(str(cfg["backbone"]), cfg["tiny_family"])
     backbone, processor = load_backbone(
         str(cfg["backbone"]),
         dtype=cfg.get("dtype", "float32"),
@@ -157,7 +166,10 @@ def save_stamp(model: StampModel, processor, out_dir: str | Path) -> Path:
         {f"mask_head.{k}": v.detach().contiguous().cpu() for k, v in model.mask_head.state_dict().items()},
         str(out / HEAD_FILE),
     )
-    (out / SETTINGS_FILE).write_text(json.dumps({k: getattr(model, k) for k in SETTINGS}, indent=2) + "\n")
+    settings = {k: getattr(model, k) for k in SETTINGS}
+    if model.has_deepstack:
+        settings["deepstack_mask_tokens"] = model.deepstack_mask_tokens
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return out
 
 

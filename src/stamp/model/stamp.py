@@ -1,4 +1,10 @@
-"""The STAMP model: a Qwen2-VL backbone, a mask block per ``<|seg|>`` and a linear mask head.
+"""The STAMP model: a Qwen VL backbone, a mask block per ``<|seg|>`` and a linear mask head.
+
+The backbone is one of the families of ``stamp.model.families`` (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL), driven through public inputs only. Qwen3-VL's DeepStack (features of early vision
+layers added to the image tokens after the first decoder layers) is passed to its language model
+as ``visual_pos_masks``/``deepstack_visual_embeds`` (``Deepstack``), for the image tokens always
+and for the mask-block tokens when ``deepstack_mask_tokens`` is set.
 
 Training runs in one of two equivalent ways (``train_forward``):
 
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stamp.model.attention import HYBRID, Spans
+from stamp.model.families import MASK_MAPPING_FAMILIES, family_of
 from stamp.model.losses import seg_loss
 from stamp.model.mask_block import (
     POSITION_MODES,
@@ -44,6 +51,42 @@ class Seg:
     grid_hw: tuple[int, int]  # merged cells (h, w)
 
 
+class ImageFeatures(list):
+    """One (N_i, D) tensor of merged vision features per image (a plain list of them) and, for a
+    backbone with DeepStack (Qwen3-VL), ``deepstack[i]``: image i's features for the early
+    decoder layers, one (N_i, D) tensor per layer (empty for the other families)."""
+
+    def __init__(self, features=(), deepstack: list[list[torch.Tensor]] | None = None) -> None:
+        super().__init__(features)
+        self.deepstack = deepstack or []
+
+
+@dataclass
+class Deepstack:
+    """DeepStack inputs of one language-model call: after decoder layer i, the token (b, t) gets
+    ``features[i][index[b, t]]`` added to its hidden state (nothing where ``index`` is -1)."""
+
+    index: torch.Tensor  # (B, T) long
+    features: list[torch.Tensor]  # one (N, D) per early decoder layer
+
+    def cat(self, other: Deepstack) -> Deepstack:
+        """``other``'s tokens appended after this one's (along the sequence)."""
+        n = self.features[0].shape[0]
+        shifted = torch.where(other.index >= 0, other.index + n, -1)
+        feats = [torch.cat([a, b]) for a, b in zip(self.features, other.features, strict=True)]
+        return Deepstack(torch.cat([self.index, shifted], 1), feats)
+
+    def take(self, rows: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> Deepstack:
+        """The tokens at (``rows``, ``cols``), as ``run_packed`` lays them out (``valid``: real)."""
+        return Deepstack(torch.where(valid, self.index[rows, cols], -1), self.features)
+
+    def model_kwargs(self) -> dict:
+        """The language model's own inputs: ``visual_pos_masks`` and ``deepstack_visual_embeds``."""
+        where = self.index >= 0
+        rows = self.index[where]
+        return {"visual_pos_masks": where, "deepstack_visual_embeds": [f[rows] for f in self.features]}
+
+
 @dataclass
 class Blocks:
     """Mask blocks laid out row by row (Q = the longest row's total block length)."""
@@ -53,6 +96,7 @@ class Blocks:
     group: torch.Tensor  # (B, Q) block id, -1 for padding
     limit: torch.Tensor  # (B, Q) position of the block's <|seg|>, -1 for padding
     starts: list[int]  # first column of each block in its row
+    deepstack: Deepstack | None = None  # the blocks' DeepStack inputs (Qwen3-VL)
 
 
 @dataclass
@@ -65,10 +109,11 @@ class StampOutput:
 
 
 class StampModel(nn.Module):
-    """Qwen2-VL + STAMP mask prediction.
+    """A Qwen VL backbone + STAMP mask prediction.
 
     Args:
-        backbone: a ``Qwen2VLForConditionalGeneration`` (or a peft model wrapping one).
+        backbone: a ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``
+            or ``Qwen3VLForConditionalGeneration`` (or a peft model wrapping one).
         seg_token_id, mask_token_id: ids of ``<|seg|>`` and ``<|mask|>``.
         mask_positions: ``sequential`` or ``grid`` (see ``mask_block.block_positions``).
         mask_attention: ``hybrid`` (bidirectional block, the method) or ``causal`` (ablation).
@@ -79,6 +124,11 @@ class StampModel(nn.Module):
         pack_rows: in training passes, pack the batch's rows (text and mask blocks, without
             padding) into as few rows as fit the longest one: the same results with less
             padding to compute (see ``run_packed``).
+        deepstack_mask_tokens: with a DeepStack backbone (Qwen3-VL), add each patch's DeepStack
+            features to its mask token after the first decoder layers, as the backbone does for
+            the patch's image token (the mask token carries the patch's features, so it is treated
+            as one more view of the patch); False: the mask tokens get none. No effect on the
+            other families. docs/BACKBONES.md has the measurement behind the default.
     """
 
     def __init__(
@@ -94,6 +144,7 @@ class StampModel(nn.Module):
         lm_weight: float = 1.0,
         train_forward: str = "fused",
         pack_rows: bool = False,
+        deepstack_mask_tokens: bool = True,
     ) -> None:
         super().__init__()
         for name, value, valid in (
@@ -110,18 +161,27 @@ class StampModel(nn.Module):
         self.bce_weight, self.dice_weight, self.lm_weight = bce_weight, dice_weight, lm_weight
         self.train_forward, self.pack_rows = train_forward, pack_rows
         cfg = self.qwen.config
+        self.family = family_of(cfg)
         self.image_token_id = cfg.image_token_id
         self.vision_start_id = cfg.vision_start_token_id
         self.merge = cfg.vision_config.spatial_merge_size
+        self.has_deepstack = bool(getattr(cfg.vision_config, "deepstack_visual_indexes", None))
+        self.deepstack_mask_tokens = deepstack_mask_tokens
         hidden = cfg.text_config.hidden_size
         self.mask_head = nn.Linear(hidden, 1, device=self.qwen.lm_head.weight.device)
         self.attn_implementation = cfg.text_config._attn_implementation
+        if self.uses_spans and self.family not in MASK_MAPPING_FAMILIES:
+            raise ValueError(
+                f"model.attn_implementation={HYBRID!r} is not available for the {self.family} family: its "
+                "language model builds its own mask from attention_mask instead of handing a prepared one "
+                "to the layers, so STAMP's spans would not reach them; use 'sdpa' (same logits)"
+            )
 
     # -- the backbone's parts ---------------------------------------------------------------
 
     @property
     def qwen(self) -> nn.Module:
-        """The underlying ``Qwen2VLForConditionalGeneration`` (unwrapping peft)."""
+        """The underlying ``...ForConditionalGeneration`` of the family (unwrapping peft)."""
         b = self.backbone
         return b.get_base_model() if hasattr(b, "get_base_model") else b
 
@@ -139,10 +199,29 @@ class StampModel(nn.Module):
 
     def encode_images(
         self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
-    ) -> list[torch.Tensor]:
-        """One (N_i, D) tensor of merged features per image."""
-        out = self.vision(pixel_values, image_grid_thw)
-        return list(out.pooler_output) if out is not None else []
+    ) -> ImageFeatures:
+        """One (N_i, D) tensor of merged features per image (and, for Qwen3-VL, each image's
+        DeepStack features)."""
+        return self.image_features(self.vision(pixel_values, image_grid_thw))
+
+    @staticmethod
+    def image_features(out) -> ImageFeatures:
+        """``ImageFeatures`` from the output of ``vision`` (empty for None)."""
+        if out is None:
+            return ImageFeatures()
+        layers = getattr(out, "deepstack_features", None) or []  # per layer, per image
+        return ImageFeatures(out.pooler_output, [list(per_image) for per_image in zip(*layers, strict=True)])
+
+    def text_deepstack(self, input_ids: torch.Tensor, features: ImageFeatures) -> Deepstack | None:
+        """DeepStack inputs of a text sequence: each image's features at its ``<|image_pad|>``
+        tokens, in the order ``embed`` places the merged features (None without DeepStack)."""
+        if not getattr(features, "deepstack", None):
+            return None
+        slots = input_ids == self.image_token_id
+        index = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        index[slots] = torch.arange(int(slots.sum()), device=input_ids.device)
+        per_layer = [torch.cat(layer) for layer in zip(*features.deepstack, strict=True)]
+        return Deepstack(index, per_layer)
 
     def embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:
         """Token embeddings with each image's features placed at its ``<|image_pad|>`` tokens."""
@@ -158,12 +237,14 @@ class StampModel(nn.Module):
         return embeds
 
     def text_positions(self, batch: dict) -> torch.Tensor:
-        """M-RoPE positions (3, B, L) of the text sequence (padding gets position 0)."""
+        """M-RoPE positions (3, B, L) of the text sequence (padding gets position 0), from the
+        family's own ``get_rope_index`` (by keyword: Qwen2.5-VL's takes ``second_per_grid_ts``,
+        for videos, in fifth place)."""
         pos, _ = self.qwen.model.get_rope_index(
-            batch["input_ids"],
-            batch["mm_token_type_ids"],
-            batch.get("image_grid_thw"),
-            None,
+            input_ids=batch["input_ids"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch.get("image_grid_thw"),
+            video_grid_thw=None,
             attention_mask=batch["attention_mask"],
         )
         return pos
@@ -204,23 +285,28 @@ class StampModel(nn.Module):
         """The language model runs ``sdpa_hybrid``: masks are given as ``Spans``, not (Q, K)."""
         return self.attn_implementation == HYBRID
 
-    def run_language_model(self, embeds, positions, mask, cache=None) -> torch.Tensor:
+    def run_language_model(
+        self, embeds, positions, mask, cache=None, deepstack: Deepstack | None = None
+    ) -> torch.Tensor:
         """Last hidden states for ``embeds`` (B, Q, D) under a boolean mask (B, 1, Q, K) or
-        ``Spans`` (handed to every layer as it is, through the layer-type mapping)."""
+        ``Spans`` (handed to every layer as it is, through the layer-type mapping), with the
+        DeepStack inputs of these tokens (Qwen3-VL; None: none)."""
         if isinstance(mask, Spans):
             bias = dict.fromkeys(("full_attention", "sliding_attention"), mask)
         else:
             bias = to_attention_bias(mask, self.attn_implementation, embeds.dtype)
+        extra = deepstack.model_kwargs() if deepstack is not None else {}
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=bias,
             position_ids=positions,
             cache=cache,
             use_cache=cache is not None,
+            **extra,
         )
         return out.last_hidden_state
 
-    def run_packed(self, embeds, positions, mask, keep) -> torch.Tensor:
+    def run_packed(self, embeds, positions, mask, keep, deepstack: Deepstack | None = None) -> torch.Tensor:
         """``run_language_model`` with the rows' kept tokens (``keep`` (B, T)) packed together.
 
         Each token keeps its positions and the keys it may see, so the hidden states equal the
@@ -229,7 +315,7 @@ class StampModel(nn.Module):
         """
         src_row, src_col, valid = pack_plan(keep)
         if src_row.shape[0] == embeds.shape[0]:  # nothing to gain
-            return self.run_language_model(embeds, positions, mask)
+            return self.run_language_model(embeds, positions, mask, deepstack=deepstack)
         if isinstance(mask, Spans):  # where each kept token lands among the packed rows
             packed_row, packed_col = torch.nonzero(valid, as_tuple=True)
             row_of = torch.full_like(keep, -1, dtype=torch.long)
@@ -240,7 +326,10 @@ class StampModel(nn.Module):
         else:
             mask = packed_mask(mask, src_row, src_col, valid)
         packed = self.run_language_model(
-            embeds[src_row, src_col] * valid[..., None], positions[:, src_row, src_col] * valid, mask
+            embeds[src_row, src_col] * valid[..., None],
+            positions[:, src_row, src_col] * valid,
+            mask,
+            deepstack=deepstack.take(src_row, src_col, valid) if deepstack is not None else None,
         )
         out = packed.new_zeros(embeds.shape)
         out[src_row[valid], src_col[valid]] = packed[valid]
@@ -265,9 +354,13 @@ class StampModel(nn.Module):
         return self.losses(hidden, batch, mask_logits, return_lm_logits)
 
     def blocks(
-        self, segs: list[Seg], features: list[torch.Tensor], positions: torch.Tensor, batch_size: int
+        self, segs: list[Seg], features: ImageFeatures, positions: torch.Tensor, batch_size: int
     ) -> Blocks:
-        """Lay out the mask blocks of ``segs`` row by row; ``positions`` are the text's (3, B, L)."""
+        """Lay out the mask blocks of ``segs`` row by row; ``positions`` are the text's (3, B, L).
+
+        With DeepStack features, ``Blocks.deepstack`` gives each mask token its patch's (when
+        ``deepstack_mask_tokens``; otherwise none, with the same layer count, for ``Deepstack.cat``).
+        """
         starts, fill = [], [0] * batch_size
         for sg in segs:
             starts.append(fill[sg.row])
@@ -286,7 +379,29 @@ class StampModel(nn.Module):
             )
             group[sg.row, a : a + n] = k
             limit[sg.row, a : a + n] = sg.pos
-        return Blocks(embeds, pos, group, limit, starts)
+        return Blocks(embeds, pos, group, limit, starts, self.block_deepstack(segs, features, starts, group))
+
+    def block_deepstack(
+        self, segs: list[Seg], features: ImageFeatures, starts: list[int], group: torch.Tensor
+    ) -> Deepstack | None:
+        """The DeepStack inputs of the mask blocks (see ``blocks``); None without DeepStack."""
+        deep = getattr(features, "deepstack", None)
+        if not deep:
+            return None
+        index = torch.full_like(group, -1)
+        if not self.deepstack_mask_tokens:
+            return Deepstack(index, [f[:0] for f in deep[0]])
+        per_layer: list[list[torch.Tensor]] = [[] for _ in deep[0]]
+        offset = 0
+        for sg, a in zip(segs, starts, strict=True):
+            n = sg.grid_hw[0] * sg.grid_hw[1]
+            index[sg.row, a : a + n] = offset + torch.arange(n, device=group.device)
+            offset += n
+            for layer, feat in zip(per_layer, deep[sg.image], strict=True):
+                layer.append(feat)
+        return Deepstack(
+            index, [torch.cat(x) if x else f[:0] for x, f in zip(per_layer, deep[0], strict=True)]
+        )
 
     def read_masks(
         self, hidden: torch.Tensor, segs: list[Seg], starts: list[int], offset: int = 0
@@ -316,10 +431,14 @@ class StampModel(nn.Module):
         embeds = torch.cat([self.embed(input_ids, features), blk.embeds], 1)
         positions = torch.cat([text_pos, blk.positions], 2)
         mask = self.fused_mask(valid, segs, blk)
+        deepstack = self.text_deepstack(input_ids, features)
+        if deepstack is not None:
+            deepstack = deepstack.cat(blk.deepstack)
         if self.pack_rows:
-            hidden = self.run_packed(embeds, positions, mask, torch.cat([valid, blk.group >= 0], 1))
+            keep = torch.cat([valid, blk.group >= 0], 1)
+            hidden = self.run_packed(embeds, positions, mask, keep, deepstack)
         else:
-            hidden = self.run_language_model(embeds, positions, mask)
+            hidden = self.run_language_model(embeds, positions, mask, deepstack=deepstack)
         return hidden[:, :L], self.read_masks(hidden, segs, blk.starts, offset=L)
 
     def fused_mask(self, valid: torch.Tensor, segs: list[Seg], blk: Blocks) -> torch.Tensor | Spans:

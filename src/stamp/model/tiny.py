@@ -1,13 +1,17 @@
-"""The embedded default backbone: a tiny, randomly initialised Qwen2-VL built offline.
+"""The embedded backbones: tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL built offline.
 
-It uses transformers' real Qwen2-VL classes and is saved as an ordinary Hugging Face checkpoint
-directory (config, safetensors, tokenizer, processor with its chat template), so it is loaded by
-exactly the same ``from_pretrained`` code as Qwen2-VL-2B/7B. Its byte-level BPE tokenizer is
-trained on the synthetic corpus.
+Each uses transformers' real classes of its family and is saved as an ordinary Hugging Face
+checkpoint directory (config, safetensors, tokenizer, processor with its chat template), so it is
+loaded by exactly the same ``from_pretrained`` code as the released models of its family. The
+byte-level BPE tokenizer is trained on the synthetic corpus and is the same for every family
+(Qwen2-VL, Qwen2.5-VL and Qwen3-VL share their chat and vision special tokens).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,16 +19,23 @@ from typing import Any
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    PreTrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from stamp.data.synthetic import corpus
+from stamp.model.families import FAMILIES, config_class, family_of, model_class
 from stamp.model.tokens import add_stamp_tokens, resize_embeddings
+
+log = logging.getLogger(__name__)
 
 # Qwen2's pre-tokenisation (split on letters, digits, punctuation and spaces, then byte level).
 PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -88,8 +99,14 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> Qwen2Tokenizer:
     return tokenizer
 
 
+def patch_size(family: str) -> int:
+    """Pixels per vision patch of a family (a mask cell is ``merge`` x ``merge`` patches)."""
+    return 16 if family == "qwen3_vl" else 14
+
+
 def tiny_config(
     tokenizer,
+    family: str = "qwen2_vl",
     hidden: int = 128,
     layers: int = 4,
     heads: int = 4,
@@ -98,40 +115,57 @@ def tiny_config(
     vision_layers: int = 2,
     vision_heads: int = 4,
     init_std: float = 0.06,
-) -> Qwen2VLConfig:
-    """A few-million-parameter Qwen2-VL with the special-token ids of ``tokenizer``.
+) -> PreTrainedConfig:
+    """A few-million-parameter backbone of ``family`` with the special-token ids of ``tokenizer``.
 
     ``init_std`` is the standard deviation of the random weights. transformers' default, 0.02,
     suits hidden sizes in the thousands; at 128 it leaves every attention nearly uniform at the
     start, and the tiny model takes longer to read the words (docs/PERFORMANCE.md).
+
+    The family's own mechanics are kept at tiny scale: Qwen2.5-VL's vision tower has window
+    attention (112-px windows) in its first blocks and full attention in its last; Qwen3-VL has
+    16-px patches, interleaved M-RoPE and a DeepStack feature from every vision block.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {sorted(FAMILIES)}")
     ids = tokenizer.convert_tokens_to_ids
     head_dim = hidden // heads
-    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # t, h, w; sums to head_dim / 2
     vocab = -(-len(tokenizer) // 64) * 64 + 64  # padded, with room for added tokens, like Qwen's
-    return Qwen2VLConfig(
-        text_config={
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": 4 * hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-            "bos_token_id": ids("<|endoftext|>"),
-            "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": ids("<|endoftext|>"),
-            "initializer_range": init_std,
-        },
-        vision_config={
-            "depth": vision_layers,
-            "embed_dim": vision_dim,
-            "hidden_size": hidden,
-            "num_heads": vision_heads,
-            "mlp_ratio": 2,
-            "initializer_range": init_std,
-        },
+    text: dict[str, Any] = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "bos_token_id": ids("<|endoftext|>"),
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": ids("<|endoftext|>"),
+        "initializer_range": init_std,
+    }
+    if family == "qwen3_vl":  # Qwen3-VL's [24, 20, 20] of 64, scaled; t, h, w interleaved
+        hw = 5 * head_dim // 32
+        rope = {"mrope_section": [head_dim // 2 - 2 * hw, hw, hw], "mrope_interleaved": True}
+        text["head_dim"] = head_dim
+    else:  # t, h, w; sums to head_dim / 2
+        rope = {"mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, **rope}
+    if family == "qwen2_vl":
+        vision = {"depth": vision_layers, "embed_dim": vision_dim, "hidden_size": hidden,
+                  "num_heads": vision_heads, "mlp_ratio": 2}  # fmt: skip
+    else:
+        vision = {"depth": vision_layers, "hidden_size": vision_dim, "out_hidden_size": hidden,
+                  "intermediate_size": 2 * vision_dim, "num_heads": vision_heads}  # fmt: skip
+    if family == "qwen2_5_vl":
+        vision.update(window_size=112, fullatt_block_indexes=[vision_layers - 1])
+    if family == "qwen3_vl":
+        vision.update(patch_size=16, num_position_embeddings=256,
+                      deepstack_visual_indexes=list(range(vision_layers)))  # fmt: skip
+    vision["initializer_range"] = init_std
+    return config_class(family)(
+        text_config=text,
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
@@ -140,30 +174,84 @@ def tiny_config(
     )
 
 
-def make_tiny(
-    out_dir: str | Path,
-    seed: int = 0,
-    min_pixels: int = 16 * 28 * 28,
-    max_pixels: int = 256 * 28 * 28,
-    vocab_size: int = 512,
-    **arch,
-) -> Path:
-    """Build and save the tiny checkpoint directory; return its path."""
-    out = Path(out_dir)
-    tokenizer = train_tokenizer(corpus(seed=seed), vocab_size=vocab_size)
-    config = tiny_config(tokenizer, **arch)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+def family_processor(
+    family: str, tokenizer, min_pixels: int | None = None, max_pixels: int | None = None
+) -> ProcessorMixin:
+    """A processor of ``family`` around ``tokenizer`` with the tiny chat template.
+
+    Qwen3-VL's image processor is Qwen2-VL's with 16-px patches and mean = std = 0.5 (as its
+    released ``preprocessor_config.json`` sets them), so its cells are 32 px.
+    """
+    image_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    if family == "qwen3_vl":
+        image = Qwen2VLImageProcessor(
+            patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3, **image_kwargs
+        )
+        return Qwen3VLProcessor(
+            image_processor=image,
+            tokenizer=tokenizer,
+            video_processor=Qwen3VLVideoProcessor(),
+            chat_template=CHAT_TEMPLATE,
+        )
+    processor = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+    return processor(
+        image_processor=Qwen2VLImageProcessor(**image_kwargs),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+
+
+def make_tiny(
+    out_dir: str | Path,
+    seed: int = 0,
+    family: str = "qwen2_vl",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    vocab_size: int = 512,
+    replace: bool = True,
+    **arch,
+) -> Path:
+    """Build and save the tiny checkpoint directory of ``family``; return its path.
+
+    The pixel limits default to 16 and 256 cells of the family (28 px, or 32 px for Qwen3-VL).
+    The directory is written beside ``out_dir`` and moved into place when complete, so a
+    concurrent reader (another rank, another job) never sees half of it; with ``replace=False``
+    a directory that appeared meanwhile is kept and the new copy dropped.
+    """
+    out = Path(out_dir)
+    cell = 2 * patch_size(family)
+    tokenizer = train_tokenizer(corpus(seed=seed), vocab_size=vocab_size)
+    config = tiny_config(tokenizer, family=family, **arch)
+    torch.manual_seed(seed)
+    model = model_class(family)(config)
+    processor = family_processor(
+        family, tokenizer, min_pixels or 16 * cell * cell, max_pixels or 256 * cell * cell
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if out.exists() and replace:
+        shutil.rmtree(out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if replace or not (out / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep its copy
     return out
+
+
+def ensure_tiny(path: str | Path, family: str) -> Path:
+    """The tiny checkpoint of ``family`` at ``path``, built there first if it is not yet
+    (``model.tiny_family``: the embedded tiny models are made on first use)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        log.info("building the tiny %s backbone in %s (first use; stamp-make-tiny does the same)", family, p)
+        make_tiny(p, family=family, replace=False)
+    return p
 
 
 def random_backbone(
@@ -173,10 +261,11 @@ def random_backbone(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     seed: int = 0,
-) -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
-    """A Qwen2-VL of the architecture ``arch`` (a model config's ``arch:`` block) with random
-    weights, and a processor around the tiny model's tokenizer: the paper's widths and depths
-    without a download, for end-to-end runs and benchmarks at real shapes.
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A backbone of the architecture ``arch`` (a model config's ``arch:`` block, its family
+    named by ``model_type``) with random weights, and a processor of that family around the tiny
+    model's tokenizer: the paper's widths and depths without a download, for end-to-end runs and
+    benchmarks at real shapes.
 
     The embedding keeps ``arch``'s vocabulary size (its memory and compute are real); the
     tokenizer is the small synthetic one, so the special-token ids come from it.
@@ -184,25 +273,25 @@ def random_backbone(
     tokenizer = train_tokenizer(corpus(seed=seed))
     add_stamp_tokens(tokenizer)
     ids = tokenizer.convert_tokens_to_ids
-    arch = {k: v for k, v in arch.items() if k != "tokenizer_len"}
+    family = family_of(arch, "model.arch")
+    arch = {k: v for k, v in arch.items() if k not in ("tokenizer_len", "model_type")}
     arch.update(
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
-        bos_token_id=ids("<|endoftext|>"),
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
     )
-    config = Qwen2VLConfig(**arch, attn_implementation=attn_implementation)
+    text_ids = {
+        "bos_token_id": ids("<|endoftext|>"),
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": ids("<|endoftext|>"),
+    }
+    if "text_config" in arch:  # nested, as Qwen3-VL's config.json
+        arch["text_config"] = {**arch["text_config"], **text_ids}
+    else:
+        arch.update(text_ids)
+    config = config_class(family)(**arch, attn_implementation=attn_implementation)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(dtype)
+    model = model_class(family)(config).to(dtype)
     resize_embeddings(model, len(tokenizer))  # grows only if arch's vocabulary is smaller
-    image_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**image_kwargs),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=CHAT_TEMPLATE,
-    )
-    return model, processor
+    return model, family_processor(family, tokenizer, min_pixels, max_pixels)

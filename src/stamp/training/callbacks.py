@@ -35,7 +35,7 @@ class SegmentationScoring(L.Callback):
     ``{stage}/ciou_oracle``, ``{stage}/n_acc``, ``{stage}/t_acc``, ``{stage}/pr@X`` and
     ``{stage}/vqa_acc``; keeps the first ``examples`` predictions for overlays.
     ``ciou_oracle`` is not a score of the model: it is the pixel cIoU of the true masks
-    quantised to the 28-px cells, the ceiling of a cell-level prediction, fixed by the data.
+    quantised to the cells (28 px; 32 px for Qwen3-VL), the ceiling of a cell-level prediction, fixed by the data.
     """
 
     def __init__(self, examples: int = 8) -> None:
