@@ -230,3 +230,18 @@ def test_streamer_refuses_batches_and_stream_reraises(make_model_of):
         streamer.put(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="the query is empty"):
         list(seg.stream(Image.new("RGB", (56, 56)), "  "))
+
+
+def test_predict_prints_the_answer_as_it_grows(capsys):
+    from stamp.cli.predict import AnswerPrinter
+
+    printer = AnswerPrinter()
+    printer(" Sure,")
+    assert capsys.readouterr().out == "answer: Sure,"  # on the screen before the answer is complete
+    printer(" Sure, it is")
+    printer(f" Sure, it is {SEG_TOKEN} and {SEG_TOKEN}")
+    printer.finish()
+    assert capsys.readouterr().out == " it is [mask 1] and [mask 2]\n"
+    empty = AnswerPrinter()
+    empty.finish()
+    assert capsys.readouterr().out == "answer: \n"
