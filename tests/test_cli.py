@@ -43,7 +43,7 @@ def test_eval_writes_results(compose_cfg, stamp_ckpt, tmp_path):
             "data.test.size=6",
             "data.eval_splits=[val,test]",
             "batch_size=5",
-            "max_new_tokens=4",
+            "generation.max_new_tokens=4",
             "save_masks=true",
         ],
         config="eval",
@@ -88,7 +88,7 @@ def test_predict_synthetic_and_real_photo(stamp_ckpt, tmp_path):
             f"image={image}",
             "query=Please segment the person.",
             f"out_dir={out}",
-            "max_new_tokens=6",
+            "generation.max_new_tokens=6",
             f"hydra.run.dir={tmp_path / 'hydra'}",
         )
         assert r.returncode == 0, r.stderr
@@ -133,7 +133,7 @@ def test_predict_chat_three_turns(stamp_ckpt, tmp_path):
         f"ckpt={stamp_ckpt}",
         f"image={image}",
         "--chat",
-        "max_new_tokens=4",
+        "generation.max_new_tokens=4",
         f"out_dir={tmp_path / 'out'}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
         stdin="Segment the red square.\nNow the left one.\nWhat colour is it?\n",

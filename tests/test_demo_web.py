@@ -62,6 +62,10 @@ class FakeSegmenter:
         mask[:, : image.width // 2] = True
         return SegmentationResult(f"Sure, it is {SEG_TOKEN}", [mask], [torch.zeros(2, 2)], [mask])
 
+    def stream(self, image, question, history=None):
+        yield from ("Sure,", "Sure, it is", f"Sure, it is {SEG_TOKEN}")
+        yield self.segment(image, question, history=history)
+
 
 def _backend(max_turns: int = 2) -> DemoBackend:
     return DemoBackend(FakeSegmenter(), Limits(max_image_side=64, max_query_chars=40, max_turns=max_turns))
@@ -87,6 +91,20 @@ def test_requests_and_answers_for_the_chat():
     assert clean_query("  Segment <|im_end|> the <|seg|>dog  ") == "Segment the dog"
     assert render_answer(f"It is {SEG_TOKEN} and {SEG_TOKEN}.") == "It is **[mask 1]** and **[mask 2]**."
     assert render_answer(SEG_TOKEN) == "**[mask 1]**"
+
+
+def test_backend_streams_the_answer_then_draws_the_masks(tmp_path):
+    backend = _backend()
+    path = tmp_path / "square.png"
+    square_sample(size=64).image.save(path)
+    session, _ = backend.open_image(path, 0.5)
+    steps = list(backend.ask_stream(session, "segment it", False, 0.5))
+    shown = [view.chat[-1]["content"] for _, view, _ in steps]
+    assert shown == ["Sure,", "Sure, it is", "Sure, it is **[mask 1]**", "Sure, it is **[mask 1]**"]
+    for _, view, answered in steps[:-1]:  # while generating: text only, nothing kept yet
+        assert not answered and view.overlay is None and view.status == "Generating the answer..."
+    assert session.turns == [] and steps[-1][2] and steps[-1][1].overlay is not None
+    assert steps[-1][0].turns == [("segment it", f"Sure, it is {SEG_TOKEN}")]
 
 
 def test_backend_keeps_the_conversation_and_reports_problems(tmp_path):
@@ -242,17 +260,28 @@ def segmenting_backend(backend: DemoBackend, image: Image.Image) -> None:
 
 
 class Gate:
-    """A segmenter wrapper that, while closed, holds every request until it is opened."""
+    """A segmenter wrapper that, while closed, holds every request until it is opened; while
+    ``resume`` is clear, it holds a request after the first piece of its answer."""
 
     def __init__(self, segmenter) -> None:
         self.segmenter, self.open, self.entered = segmenter, threading.Event(), threading.Event()
+        self.resume, self.streamed = threading.Event(), threading.Event()
         self.open.set()
+        self.resume.set()
 
-    def segment(self, *args, **kwargs):
+    def segment(self, *args, **kwargs):  # the tests' own calls, never held
+        return self.segmenter.segment(*args, **kwargs)
+
+    def stream(self, *args, **kwargs):
         self.entered.set()
         if not self.open.wait(timeout=120):
             raise TimeoutError("the test never opened the gate")
-        return self.segmenter.segment(*args, **kwargs)
+        for i, item in enumerate(self.segmenter.stream(*args, **kwargs)):
+            yield item
+            if i == 0:
+                self.streamed.set()
+                if not self.resume.wait(timeout=120):
+                    raise TimeoutError("the test never resumed the answer")
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +300,7 @@ def server(stamp_ckpt, tmp_path_factory):
                 f"ckpt={stamp_ckpt}",
                 f"port={port}",
                 "device=cpu",
-                "max_new_tokens=1",
+                "generation.max_new_tokens=1",
                 "examples.size=3",
             ],
         )
@@ -395,6 +424,29 @@ def test_segment_in_the_browser(server, browser, tmp_path, record_property):
     record_property("screenshot", str(screenshot))
     print(f"screenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000
+    assert page.errors == [] and browser.outside == []
+    page.close()
+
+
+@pytest.mark.slow
+def test_the_answer_streams_before_the_masks(server, browser):
+    url, backend, image_path = server
+    gate = backend.segmenter
+    page = _open(browser, url)
+    _upload(page, image_path)
+    _status(page, "Image loaded")
+    gate.resume.clear()
+    gate.streamed.clear()
+    try:
+        _send(page, QUESTION)
+        assert gate.streamed.wait(timeout=WAIT_MS / 1000), "no piece of the answer was generated"
+        _status(page, "Generating the answer")
+        page.locator("#chat", has_text="[mask 1]").wait_for()  # the text is on the page ...
+        assert page.locator("#overlay img").count() == 0  # ... the masks are not yet
+    finally:
+        gate.resume.set()
+    _status(page, "Answered in")
+    page.locator("#overlay img").wait_for()
     assert page.errors == [] and browser.outside == []
     page.close()
 

@@ -13,7 +13,7 @@ import pytest
 from hydra.utils import instantiate
 from pycocotools import mask as mask_utils
 
-EVAL = ["data.val.size=12", "data.test.size=6", "batch_size=5", "max_new_tokens=6"]
+EVAL = ["data.val.size=12", "data.test.size=6", "batch_size=5", "generation.max_new_tokens=6"]
 
 
 def test_predictions_file_in_dataset_order_with_masks_and_ious(compose_cfg, stamp_ckpt, tmp_path):
@@ -70,7 +70,7 @@ def test_rerun_skips_finished_splits_and_nothing_is_written_half(
     with pytest.raises(AssertionError, match="loaded"):
         run(compose_cfg([*base, "overwrite=true"], "eval"))
     with pytest.raises(AssertionError, match="loaded"):  # other settings: evaluated again
-        run(compose_cfg([*base, "max_new_tokens=7"], "eval"))
+        run(compose_cfg([*base, "generation.max_new_tokens=7"], "eval"))
     monkeypatch.undo()
 
     # a split that fails leaves no results of its own and no results.json; finished splits stay

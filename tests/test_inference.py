@@ -18,7 +18,7 @@ from tests.helpers import square_sample
 def segmenter(tiny, tmp_path_factory) -> Segmenter:
     model, processor = tiny
     path = save_stamp(model, processor, tmp_path_factory.mktemp("ckpt") / "stamp")
-    return Segmenter.from_pretrained(path, device="cpu", max_new_tokens=8)
+    return Segmenter.from_pretrained(path, device="cpu", generation=8)
 
 
 def test_segment_with_given_answer(segmenter):

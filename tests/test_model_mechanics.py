@@ -299,7 +299,7 @@ def test_vision_encoder_runs_once_per_image(tiny):
         assert len(calls) == 1  # one call encodes the whole batch of images
         calls.clear()
         batch = StampCollator(processor, "generate")(samples)
-        generate_with_masks(model, batch, processor.tokenizer, max_new_tokens=6)
+        generate_with_masks(model, batch, processor.tokenizer, 6)
         assert len(calls) == 1
     finally:
         handle.remove()

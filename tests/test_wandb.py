@@ -255,7 +255,7 @@ def test_stamp_eval_logs_metrics_and_a_table_of_the_worst_predictions(no_key, co
 
     cfg = compose_cfg(
         [f"ckpt={stamp_ckpt}", "logger=wandb", "data.val.size=10", "data.eval_splits=[val]"]
-        + ["batch_size=5", "max_new_tokens=6", "wandb_worst=3"],
+        + ["batch_size=5", "generation.max_new_tokens=6", "wandb_worst=3"],
         config="eval",
     )
     results = run(cfg)

@@ -40,7 +40,7 @@ def main() -> None:
         model, processor = build_stamp({"backbone": str(tiny_dir())})
         ckpt = save_stamp(model, processor, tempfile.mkdtemp() + "/stamp")
     model, processor = load_stamp(ckpt)
-    module = StampEvalModule(model.eval(), processor, a.max_new_tokens)
+    module = StampEvalModule(model.eval(), processor, {"max_new_tokens": a.max_new_tokens})
     data = SyntheticScenes("val", size=a.samples, seed=42)
     settings = [(1, 0), (a.batch, 0), (a.batch, a.workers)]  # (batch, workers)
     times: dict[tuple[int, int], list[float]] = {s: [] for s in settings}

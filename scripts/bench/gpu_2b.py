@@ -39,7 +39,9 @@ def build(arch_name: str, attn: str, device: str, dtype: torch.dtype, cells: int
 
 def measure(a, attn: str, dtype: torch.dtype) -> dict:
     """Every figure of the script for one attention implementation of the language model."""
-    from stamp.inference.generate import answer_starts, decode, mask_forward, prefill
+    from transformers import GenerationConfig
+
+    from stamp.inference.generate import answer_starts, generate, mask_forward, predict_masks, prefill
 
     t0 = time.perf_counter()
     model, processor, vision_attn = build(a.arch, attn, a.device, dtype, a.cells)
@@ -54,15 +56,16 @@ def measure(a, attn: str, dtype: torch.dtype) -> dict:
     # 1) end to end: prefill + 16 generated tokens + one mask forward (the <|seg|> is the last generated token)
     prompt = batch_for(processor, a.device, a.cells, 1, teacher_forcing=False)
 
+    seg_id, pad_id = model.seg_token_id, processor.tokenizer.pad_token_id
+    config = GenerationConfig(  # exactly new_tokens tokens, whatever the random weights say
+        max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=pad_id
+    )
+
     @torch.no_grad()
     def end_to_end():
-        from stamp.model.stamp import Seg
-
-        state = prefill(model, prompt)
-        decode(model, state, a.new_tokens, stop_ids=set(), pad_id=processor.tokenizer.pad_token_id)
-        grid = prompt["image_grid_thw"][0]
-        seg = Seg(0, state.ids.shape[1] - 1, 0, (int(grid[1]) // 2, int(grid[2]) // 2))
-        return mask_forward(model, [seg], state.features, state.positions, state.valid, state.cache)
+        ctx = generate(model, prompt, config)
+        ctx.ids[:, -1] = seg_id  # the last generated token read as a <|seg|> (not yet in the cache)
+        return predict_masks(model, ctx, prompt["image_grid_thw"])
 
     t_e2e = median_time(end_to_end, a.repeats, warmup=2, device=a.device)
     t_prefill = median_time(lambda: prefill(model, prompt), a.repeats, warmup=1, device=a.device)
@@ -72,16 +75,15 @@ def measure(a, attn: str, dtype: torch.dtype) -> dict:
     for k in (1, 4, 8):
         forced = batch_for(processor, a.device, a.cells, k)
         with torch.no_grad():
-            state = prefill(model, forced)
-        start = answer_starts(state.ids, header)[0]
+            ctx = prefill(model, forced, answer_starts(forced["input_ids"], header))
         segs = [
-            s for s in model.find_segs(state.ids, state.valid, forced["image_grid_thw"]) if s.pos >= start
+            s for s in model.find_segs(ctx.ids, ctx.valid, forced["image_grid_thw"]) if s.pos >= ctx.starts[0]
         ]
         assert len(segs) == k
 
         @torch.no_grad()
-        def masks(state=state, segs=segs):  # reads the cache, leaves it as it is
-            return mask_forward(model, segs, state.features, state.positions, state.valid, state.cache)
+        def masks(ctx=ctx, segs=segs):  # reads the cache, leaves it as it is
+            return mask_forward(model, segs, ctx.features, ctx.positions, ctx.valid, ctx.cache)
 
         mask_ms[k] = median_time(masks, a.repeats, warmup=2, device=a.device) * 1e3
 

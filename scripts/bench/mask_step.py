@@ -56,18 +56,17 @@ def setup(cells: int, targets: int, device: str, backbone: str | None, dtype: st
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     header = processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
     with torch.no_grad():
-        state = prefill(model, batch)
-    start = answer_starts(state.ids, header)[0]
-    segs = [s for s in model.find_segs(state.ids, state.valid, batch["image_grid_thw"]) if s.pos >= start]
+        ctx = prefill(model, batch, answer_starts(batch["input_ids"], header))
+    segs = [s for s in model.find_segs(ctx.ids, ctx.valid, batch["image_grid_thw"]) if s.pos >= ctx.starts[0]]
     assert len(segs) == targets and segs[0].grid_hw[0] * segs[0].grid_hw[1] == cells, segs
-    return model, batch, state, segs
+    return model, batch, ctx, segs
 
 
-def ours(model, state, segs):
+def ours(model, ctx, segs):
     from stamp.inference.generate import mask_forward
 
     with torch.no_grad():  # reads the cache, leaves it as it is
-        return mask_forward(model, segs, state.features, state.positions, state.valid, state.cache)
+        return mask_forward(model, segs, ctx.features, ctx.positions, ctx.valid, ctx.cache)
 
 
 def released(model, batch, segs):
@@ -86,21 +85,21 @@ def released(model, batch, segs):
     return out
 
 
-def ar_cells(model, state, segs):
+def ar_cells(model, ctx, segs):
     """N single-token decode steps per <|seg|>, each reading one cell label, with the KV cache."""
-    from stamp.inference.generate import feed
+    from stamp.inference.generate import extend, extended_positions
 
-    C, ids, valid, pos = state.cached, state.ids, state.valid, state.positions
+    C = ctx.cache.get_seq_length()
     with torch.no_grad():
         for sg in segs:
             n = sg.grid_hw[0] * sg.grid_hw[1]
-            tok = state.next_token.clone()
-            live = torch.ones_like(tok, dtype=torch.bool)
-            for _ in range(n):
-                feed(model, state, tok, live)
-                tok = state.next_token
-            state.cache.crop(-(state.cache.get_seq_length() - C))
-            state.ids, state.valid, state.positions, state.cached = ids, valid, pos, C
+            ids, valid = ctx.ids, ctx.valid
+            tok = ids[:, -1:]
+            for i in range(1, n + 1):
+                ids, valid = torch.cat([ids, tok], 1), torch.cat([valid, valid[:, -1:]], 1)
+                hidden = extend(model, ids, valid, extended_positions(ctx.positions, i), [], ctx.cache)
+                tok = model.qwen.lm_head(hidden[:, -1:]).argmax(-1)
+            ctx.cache.crop(C)
 
 
 def main() -> None:
@@ -117,10 +116,10 @@ def main() -> None:
         {"bench": "mask_step", "device": a.device, "machine": machine(), "cells": {}, "targets": {}},
     )
     for n in a.cells:
-        model, batch, state, segs = setup(n, 1, a.device, a.backbone, a.dtype)
-        t_ours = median_time(partial(ours, model, state, segs), a.repeats, device=a.device)
+        model, batch, ctx, segs = setup(n, 1, a.device, a.backbone, a.dtype)
+        t_ours = median_time(partial(ours, model, ctx, segs), a.repeats, device=a.device)
         t_rel = median_time(partial(released, model, batch, segs), a.repeats, device=a.device)
-        t_ar = median_time(partial(ar_cells, model, state, segs), max(1, a.repeats // 2), device=a.device)
+        t_ar = median_time(partial(ar_cells, model, ctx, segs), max(1, a.repeats // 2), device=a.device)
         rows.append([f"N={n}, K=1", t_ours * 1e3, t_rel * 1e3, t_ar * 1e3, t_rel / t_ours, t_ar / t_ours])
         figures["cells"][n] = {
             "ours_ms": t_ours * 1e3,
@@ -132,8 +131,8 @@ def main() -> None:
     n = 256 if 256 in a.cells else a.cells[0]
     base = None
     for k in a.targets:
-        model, batch, state, segs = setup(n, k, a.device, a.backbone, a.dtype)
-        t_ours = median_time(partial(ours, model, state, segs), a.repeats, device=a.device)
+        model, batch, ctx, segs = setup(n, k, a.device, a.backbone, a.dtype)
+        t_ours = median_time(partial(ours, model, ctx, segs), a.repeats, device=a.device)
         t_rel = median_time(partial(released, model, batch, segs), a.repeats, device=a.device)
         base = base or t_ours
         rows.append([f"N={n}, K={k}", t_ours * 1e3, t_rel * 1e3, "-", t_rel / t_ours, "-"])

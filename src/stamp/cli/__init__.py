@@ -12,8 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-# The configs ship inside the package (``stamp/conf``), so an installed stamp finds them too.
-CONF_DIR = os.environ.get("STAMP_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
+from stamp.utils.config import CONF_DIR  # noqa: F401  (the entry points' config_path)
 
 
 def project_dir() -> Path:

@@ -77,8 +77,8 @@ def with_run_data(cfg: DictConfig) -> DictConfig:
 
     When ``ckpt`` is a run's ``model/`` folder (its ``../.hydra/config.yaml`` exists) and the
     command line picks no data config (``data=...``), the run's ``data`` node, ``seed`` and
-    ``generation.max_new_tokens`` are used, so the run's validation is reproduced; overrides of
-    ``data.*``, ``seed`` and ``max_new_tokens`` given on the command line still apply.
+    ``generation`` settings are used, so the run's validation is reproduced; overrides of
+    ``data.*``, ``seed`` and ``generation.*`` given on the command line still apply.
     """
     run_cfg_path = Path(str(cfg.ckpt)).expanduser().parent / ".hydra" / "config.yaml"
     overrides = task_overrides(cfg)
@@ -95,9 +95,10 @@ def with_run_data(cfg: DictConfig) -> DictConfig:
             OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
         if "seed" not in keys and "seed" in run_cfg:
             out.seed = run_cfg.seed
-        max_new = OmegaConf.select(run_cfg, "generation.max_new_tokens")
-        if "max_new_tokens" not in keys and max_new is not None:
-            out.max_new_tokens = max_new
+        if "generation" in run_cfg:
+            out.generation = OmegaConf.merge(out.generation, run_cfg.generation)
+            for key in (k for k in keys if k.startswith("generation.")):
+                OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
     log.info("data settings of the run that exported %s: %s", cfg.ckpt, run_cfg_path)
     return out
 
@@ -122,7 +123,7 @@ def split_settings(cfg: DictConfig, split: str) -> dict[str, Any]:
         "ckpt": str(Path(str(cfg.ckpt)).expanduser().resolve()),
         "dataset": OmegaConf.to_container(eval_dataset_node(cfg.data, split), resolve=True),
         "batch_size": int(cfg.batch_size),
-        "max_new_tokens": int(cfg.max_new_tokens),
+        "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "dtype": str(cfg.dtype),
         "model_overrides": OmegaConf.to_container(cfg.model_overrides, resolve=True),
         "sam": OmegaConf.to_container(cfg.sam, resolve=True) if cfg.sam.checkpoint else None,
@@ -190,7 +191,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         loggers = instantiate_group(cfg.get("logger"), lambda c: wandb_init_args(c, cfg))
         scoring = SegmentationScoring(examples=0)
         trainer = instantiate(cfg.trainer, callbacks=[scoring, writer], logger=False)
-        module = StampEvalModule(model, processor, cfg.max_new_tokens)
+        module = StampEvalModule(model, processor, OmegaConf.to_container(cfg.generation, resolve=True))
         launch_env = pin_run_dir_for_children()  # the ranks a ddp launcher starts write here too
         failed = True
         try:

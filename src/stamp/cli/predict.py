@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stamp.cli import CONF_DIR, user_errors
 from stamp.cli.eval import resolve_device
+from stamp.model.tokens import SEG_TOKEN
 
 
 def load_segmenter(cfg: DictConfig):
@@ -21,7 +22,7 @@ def load_segmenter(cfg: DictConfig):
         cfg.ckpt,
         device=device,
         dtype=None if cfg.dtype == "auto" else cfg.dtype,
-        max_new_tokens=cfg.max_new_tokens,
+        generation=OmegaConf.to_container(cfg.generation, resolve=True),
         sam=sam,
         **cfg.get("model_overrides", {}),
     )
@@ -51,9 +52,34 @@ def answer_lines(result) -> list[str]:
     return lines
 
 
+class AnswerPrinter:
+    """Prints an answer to stdout as it is generated (``answer: ...``, the k-th ``<|seg|>``
+    shown as ``[mask k]``); called with the answer so far."""
+
+    def __init__(self) -> None:
+        self.shown = None  # None until the first piece
+
+    def __call__(self, text: str) -> None:
+        parts = text.split(SEG_TOKEN)
+        live = (parts[0] + "".join(f"[mask {k}]{p}" for k, p in enumerate(parts[1:], start=1))).lstrip()
+        if self.shown is None:
+            print("answer: ", end="")
+            self.shown = ""
+        if live.startswith(self.shown):  # decoding only appends; anything else waits for the next piece
+            print(live[len(self.shown) :], end="", flush=True)
+            self.shown = live
+
+    def finish(self) -> None:
+        print("answer: " if self.shown is None else "", flush=True)
+
+
 def answer(seg, image, query: str, history, out_dir: Path, stem: str, alpha: float):
-    result = seg.segment(image, query, history=history)
-    print("\n".join(answer_lines(result)))
+    printer = AnswerPrinter()
+    result = seg.segment(image, query, history=history, on_text=printer)
+    printer.finish()
+    notes = answer_lines(result)[1:]  # the answer itself is printed already
+    if notes:
+        print("\n".join(notes))
     if result.masks:
         for p in save_outputs(image, result, out_dir, stem, alpha):
             print(f"wrote {p}")

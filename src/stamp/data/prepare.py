@@ -43,6 +43,7 @@ from stamp.data.records import (
     n_texts,
     summarize_errors,
 )
+from stamp.utils.config import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +202,6 @@ def find_datasets(node, found: dict[str, RecordDataset] | None = None) -> dict[s
 def compose_data(overrides: list[str]) -> DictConfig:
     """The ``data`` node of the training config composed with ``overrides``."""
     from hydra import compose, initialize_config_dir
-
-    from stamp.cli import CONF_DIR
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)

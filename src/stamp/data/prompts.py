@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from stamp.model.tokens import SEG_TOKEN
+from stamp.utils.config import CONF_DIR
 
 FAMILIES = ("refer", "gref", "reason")
 KINDS = ("refer", "multi", "none", "reason")
@@ -115,8 +116,6 @@ def _templates(node, where: str, names: tuple[str, ...], seg: bool) -> dict[str,
 
 
 def prompts_dir() -> Path:
-    from stamp.cli import CONF_DIR
-
     return Path(CONF_DIR) / "prompts"
 
 

@@ -131,9 +131,9 @@ def build_app(backend: DemoBackend, alpha: float, concurrency: int) -> gr.Blocks
             s, view, question = backend.open_example(evt.index, alpha)
             return [s, *show(view, True), question]
 
-        def on_ask(s, text, use_sam, alpha):
-            s, view, answered = backend.ask(s, text, use_sam, alpha)
-            return [s, *show(view, False), "" if answered else gr.skip()]
+        def on_ask(s, text, use_sam, alpha):  # streams: the answer grows, then the masks appear
+            for new, view, answered in backend.ask_stream(s, text, use_sam, alpha):
+                yield [new, *show(view, False), "" if answered else gr.skip()]
 
         def on_sam(s, use_sam, alpha):
             s, view = backend.redraw(s, use_sam, alpha)

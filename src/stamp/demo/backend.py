@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -163,6 +163,14 @@ class DemoBackend:
         Returns the session, the view and whether the request was answered (the page keeps
         an unanswered request in its text box).
         """
+        *_, last = self.ask_stream(session, query, use_sam, alpha)
+        return last
+
+    def ask_stream(
+        self, session: Session | None, query: str | None, use_sam: bool, alpha: float
+    ) -> Iterator[tuple[Session, View, bool]]:
+        """``ask`` as it happens: a view with the answer so far for every step of the
+        generation (no masks yet, ``answered`` False), then ``ask``'s result."""
         session = session or Session()
         use_sam = use_sam and self.sam_available
         question = clean_query(query)
@@ -176,22 +184,33 @@ class DemoBackend:
                 f"The request has {len(question)} characters; the limit is {self.limits.max_query_chars}."
             )
         if problem:
-            return (*self._fail(session, alpha, use_sam, f"Error: {problem}"), False)
+            yield (*self._fail(session, alpha, use_sam, f"Error: {problem}"), False)
+            return
         history = session.turns[-self.limits.max_turns :] if self.limits.max_turns > 0 else []
         start = time.perf_counter()
+        result = None
         try:
-            result = self.segmenter.segment(session.image, question, history=history)
+            for item in self.segmenter.stream(session.image, question, history=history):
+                if isinstance(item, str):  # the answer so far: shown, masks not drawn yet
+                    partial = replace(
+                        session, turns=[*session.turns, (question, item)], masks=[], refined=None
+                    )
+                    yield partial, self.view(partial, alpha, False, "Generating the answer..."), False
+                else:
+                    result = item
             refined = self._refine(session.image, result.masks) if use_sam else None
         except ValueError as e:  # e.g. an image shape the processor refuses
-            return (*self._fail(session, alpha, use_sam, f"Error: {str(e).rstrip('.')}."), False)
+            yield (*self._fail(session, alpha, use_sam, f"Error: {str(e).rstrip('.')}."), False)
+            return
         except Exception:  # keep serving the other users; the traceback goes to the server log
             log.exception("request %r about %s failed", question, session.name)
-            return (
+            yield (
                 *self._fail(
                     session, alpha, use_sam, "Error: the model failed on this request; see the server log."
                 ),
                 False,
             )
+            return
         seconds = time.perf_counter() - start
         session = replace(
             session, turns=[*session.turns, (question, result.text)], masks=result.masks, refined=refined
@@ -208,7 +227,7 @@ class DemoBackend:
             status = f"Answered in {seconds:.1f} s; the answer has no `{SEG_TOKEN}`, so there is no mask."
         if len(session.turns) > self.limits.max_turns:
             status += f" Only the last {self.limits.max_turns} turns are kept as context."
-        return session, self.view(session, alpha, use_sam, status), True
+        yield session, self.view(session, alpha, use_sam, status), True
 
     def redraw(
         self, session: Session | None, use_sam: bool, alpha: float, refine: bool = True

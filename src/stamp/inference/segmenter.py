@@ -8,7 +8,9 @@ result.text, result.masks[0], result.cell_logits[0]
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from stamp.data.collate import StampCollator
 from stamp.data.sample import Sample
 from stamp.evaluation import upsample
-from stamp.inference.generate import generate_with_masks
+from stamp.inference.generate import AnswerStreamer, generate_with_masks, generation_config
 from stamp.inference.images import ImageLike, load_image
 from stamp.model.stamp import StampModel
 from stamp.model.tokens import SEG_TOKEN, mark_masks
@@ -57,19 +59,23 @@ def chat_messages(question: str, answer: str | None, history: Sequence[Turn] | N
 
 
 class Segmenter:
-    """Generate an answer with the KV cache, then predict every ``<|seg|>``'s mask in one
-    batched forward that reuses the cache and the image's features (encoded once).
+    """Generate an answer with the backbone's ``generate()``, then predict every ``<|seg|>``'s
+    mask in one batched forward that reuses its cache and the image's features (encoded once).
 
     Args:
         model, processor: a ``StampModel`` and its Qwen2-VL processor.
-        max_new_tokens: length limit of generated answers.
+        generation: ``generation.*`` settings (``conf/generation/default.yaml`` keys: greedy
+            unless ``do_sample``/``num_beams`` say otherwise), a ``GenerationConfig``, or just
+            ``max_new_tokens`` as an int; None = the defaults.
         refiner: an optional ``SamRefiner`` applied to each coarse mask.
     """
 
-    def __init__(self, model: StampModel, processor, max_new_tokens: int = 64, refiner=None) -> None:
+    def __init__(
+        self, model: StampModel, processor, generation: Mapping | int | None = None, refiner=None
+    ) -> None:
         self.model = model.eval()
         self.processor = processor
-        self.max_new_tokens = max_new_tokens
+        self.generation = generation_config(generation, processor.tokenizer)  # checked here, once
         self.refiner = refiner
 
     @property
@@ -82,7 +88,7 @@ class Segmenter:
         path: str | Path,
         device: str | None = None,
         dtype: str | None = None,
-        max_new_tokens: int = 64,
+        generation: Mapping | int | None = None,
         sam: dict[str, Any] | None = None,
         **overrides,
     ) -> Segmenter:
@@ -104,7 +110,7 @@ class Segmenter:
             from stamp.inference.sam import SamRefiner
 
             refiner = SamRefiner.from_checkpoint(device=device, **sam)
-        return cls(model, processor, max_new_tokens=max_new_tokens, refiner=refiner)
+        return cls(model, processor, generation=generation, refiner=refiner)
 
     def segment(
         self,
@@ -112,13 +118,40 @@ class Segmenter:
         question: str,
         answer: str | None = None,
         history: Sequence[Turn] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> SegmentationResult:
         """Answer ``question`` about ``image`` (after the earlier ``history`` turns).
 
         With ``answer`` the reply is not generated but taken as given (teacher forcing), so the
-        masks of a known answer can be scored.
+        masks of a known answer can be scored. ``on_text`` is called with the answer so far
+        (``<|seg|>`` kept) each time generation adds to it.
         """
-        return self.segment_batch([image], [question], [answer], [history])[0]
+        streamer = AnswerStreamer(self.processor.tokenizer, on_text) if on_text and answer is None else None
+        return self.segment_batch([image], [question], [answer], [history], streamer=streamer)[0]
+
+    def stream(
+        self, image: ImageLike, question: str, history: Sequence[Turn] | None = None
+    ) -> Iterator[str | SegmentationResult]:
+        """``segment`` as it happens: yields the answer so far (a ``str``, ``<|seg|>`` kept)
+        while it is generated, then the ``SegmentationResult`` (masks included) last.
+        Errors of the generation are raised here."""
+        events: queue.Queue = queue.Queue()
+        done = object()
+
+        def work() -> None:
+            try:
+                events.put(self.segment(image, question, history=history, on_text=events.put))
+            except BaseException as e:  # handed to the consumer's thread
+                events.put(e)
+            events.put(done)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while (item := events.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        thread.join()
 
     @torch.no_grad()
     def segment_batch(
@@ -127,8 +160,39 @@ class Segmenter:
         questions: Sequence[str],
         answers: Sequence[str | None] | None = None,
         histories: Sequence[Sequence[Turn] | None] | None = None,
+        streamer=None,
     ) -> list[SegmentationResult]:
         """Several questions (each about its own image) answered in one batch."""
+        pil = [load_image(im) for im in images]
+        batch, forced = self.inputs(pil, questions, answers, histories)
+        rows = generate_with_masks(
+            self.model,
+            batch,
+            self.processor.tokenizer,
+            self.generation,
+            teacher_forcing=forced,
+            streamer=streamer,
+        )
+        results = []
+        for im, row in zip(pil, rows, strict=True):
+            coarse = [upsample(lg.cpu() > 0, (im.height, im.width)).numpy() for lg in row.cell_logits]
+            masks, refined = coarse, False
+            if self.refiner is not None and coarse:
+                masks, refined = self.refiner.refine(im, coarse), True
+            results.append(
+                SegmentationResult(row.text, masks, [lg.cpu() for lg in row.cell_logits], coarse, refined)
+            )
+        return results
+
+    def inputs(
+        self,
+        images: Sequence[ImageLike],
+        questions: Sequence[str],
+        answers: Sequence[str | None] | None = None,
+        histories: Sequence[Sequence[Turn] | None] | None = None,
+    ) -> tuple[dict, bool]:
+        """The model's input batch for these chats, on the model's device, and whether the
+        answers are given (teacher forcing)."""
         n = len(images)
         answers = list(answers) if answers is not None else [None] * n
         histories = list(histories) if histories is not None else [None] * n
@@ -152,16 +216,4 @@ class Segmenter:
         collate = StampCollator(self.processor, "generate", teacher_forcing=all(forced))
         batch = collate(samples)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        rows = generate_with_masks(
-            self.model, batch, self.processor.tokenizer, self.max_new_tokens, teacher_forcing=all(forced)
-        )
-        results = []
-        for im, row in zip(pil, rows, strict=True):
-            coarse = [upsample(lg.cpu() > 0, (im.height, im.width)).numpy() for lg in row.cell_logits]
-            masks, refined = coarse, False
-            if self.refiner is not None and coarse:
-                masks, refined = self.refiner.refine(im, coarse), True
-            results.append(
-                SegmentationResult(row.text, masks, [lg.cpu() for lg in row.cell_logits], coarse, refined)
-            )
-        return results
+        return batch, all(forced)

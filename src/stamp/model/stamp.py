@@ -189,14 +189,26 @@ class StampModel(nn.Module):
     def language_model(self) -> nn.Module:
         return self.qwen.model.language_model
 
+    def vision(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None):
+        """Vision encoder + merger, as transformers returns it (``pooler_output``: one (N_i, D)
+        tensor of merged features per image; ``generate`` takes it as ``mm_encoder_outputs``),
+        or None without images."""
+        if pixel_values is None:
+            return None
+        return self.qwen.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+
     def encode_images(
         self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
     ) -> ImageFeatures:
-        """Vision encoder + merger: one (N_i, D) tensor of merged features per image (and, for
-        Qwen3-VL, each image's DeepStack features)."""
-        if pixel_values is None:
+        """One (N_i, D) tensor of merged features per image (and, for Qwen3-VL, each image's
+        DeepStack features)."""
+        return self.image_features(self.vision(pixel_values, image_grid_thw))
+
+    @staticmethod
+    def image_features(out) -> ImageFeatures:
+        """``ImageFeatures`` from the output of ``vision`` (empty for None)."""
+        if out is None:
             return ImageFeatures()
-        out = self.qwen.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         layers = getattr(out, "deepstack_features", None) or []  # per layer, per image
         return ImageFeatures(out.pooler_output, [list(per_image) for per_image in zip(*layers, strict=True)])
 

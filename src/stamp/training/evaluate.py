@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from stamp.data.masks import encode_rle
 from stamp.evaluation import normalise_answer, predicted_cells, upsample
-from stamp.inference.generate import generate_with_masks
+from stamp.inference.generate import generate_with_masks, generation_config
 from stamp.metrics import SegmentationMetrics
 from stamp.utils.overlay import mask_image
 
@@ -30,15 +31,16 @@ class StampEvalModule(L.LightningModule):
     Args:
         net: a ``StampModel`` (e.g. from ``load_stamp``).
         processor: its processor.
-        max_new_tokens: the longest generated answer.
+        generation: ``generation.*`` settings (``conf/generation/``); None = the defaults.
     """
 
-    def __init__(self, net, processor, max_new_tokens: int = 32) -> None:
+    def __init__(self, net, processor, generation: Mapping | None = None) -> None:
         super().__init__()
-        self.net, self.processor, self.max_new_tokens = net, processor, int(max_new_tokens)
+        self.net, self.processor = net, processor
+        self.generation = generation_config(generation, processor.tokenizer)
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"rows": generate_with_masks(self.net, batch, self.processor.tokenizer, self.max_new_tokens)}
+        return {"rows": generate_with_masks(self.net, batch, self.processor.tokenizer, self.generation)}
 
 
 def iou(pred: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None) -> float:

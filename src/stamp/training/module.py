@@ -11,7 +11,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from stamp.inference.generate import generate_with_masks
+from stamp.inference.generate import generate_with_masks, generation_config
 from stamp.model.build import build_stamp
 
 
@@ -45,7 +45,7 @@ class StampLitModule(L.LightningModule):
         ``lr_multipliers``: ``{regex: factor}``; a trainable parameter whose name matches a regex
         (``re.search``, the first that matches) learns at ``factor`` times ``lr``.
     scheduler: ``warmup_ratio`` (or ``warmup_steps``) of a linear warm-up, then linear decay to 0.
-    generation: ``max_new_tokens`` for validation's generated answers.
+    generation: ``generation.*`` settings of validation's generated answers (``conf/generation/``).
     """
 
     def __init__(
@@ -65,6 +65,7 @@ class StampLitModule(L.LightningModule):
             }
         )
         self.net, self.processor = build_stamp(self.hparams.model)
+        self.generation = generation_config(self.hparams.generation, self.processor.tokenizer)
         self.net.train()  # from_pretrained leaves the backbone in eval mode (dropout off)
         self.skipped = 0  # training samples replaced because their image or mask was unreadable
 
@@ -79,8 +80,7 @@ class StampLitModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        gen = self.hparams.generation or {}
-        rows = generate_with_masks(self.net, batch, self.processor.tokenizer, gen.get("max_new_tokens", 32))
+        rows = generate_with_masks(self.net, batch, self.processor.tokenizer, self.generation)
         return {"rows": rows}
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:

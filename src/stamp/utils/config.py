@@ -1,12 +1,18 @@
-"""Checks on composed configs that Hydra itself leaves to instantiation time."""
+"""Where the configs are, and checks on composed configs that Hydra itself leaves to
+instantiation time."""
 
 from __future__ import annotations
 
 import inspect
+import os
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# The configs ship inside the package (``stamp/conf``), so an installed stamp finds them too.
+CONF_DIR = os.environ.get("STAMP_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
 
 
 def check_arguments(node: Any, where: str) -> None:
