@@ -187,3 +187,18 @@ def test_tiny_families_keep_their_mechanics(tiny_dir_of):
         f: cell_pixels(AutoProcessor.from_pretrained(tiny_dir_of(f))) for f in ("qwen2_5_vl", "qwen3_vl")
     }
     assert cells == {"qwen2_5_vl": 28, "qwen3_vl": 32}
+
+
+def test_make_tiny_cli_builds_each_family(tmp_path, capsys):
+    """``stamp-make-tiny --family qwen2_5_vl`` writes a checkpoint of that family; a second call
+    leaves it alone."""
+    import json
+
+    from stamp.cli.make_tiny import main
+
+    out = tmp_path / "t25"
+    main(["--family", "qwen2_5_vl", "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    assert not list(tmp_path.glob(".t25.tmp-*"))  # written aside, then moved into place
+    main(["--family", "qwen2_5_vl", "--out", str(out)])
+    assert "exists (use --force to rebuild)" in capsys.readouterr().out
