@@ -41,6 +41,7 @@ def old_module(rev: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("generate_old", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

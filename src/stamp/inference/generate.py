@@ -15,6 +15,7 @@ beams, so the chosen answers are run again in one prefill (the documented fallba
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,7 +46,12 @@ class RowOutput:
 
 
 def generation_settings() -> dict[str, Any]:
-    """The defaults of ``generation.*``: ``conf/generation/default.yaml``."""
+    """The defaults of ``generation.*``: ``conf/generation/default.yaml`` (read once)."""
+    return dict(_default_settings())
+
+
+@functools.cache
+def _default_settings() -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "generation" / "default.yaml"))
 
 
@@ -248,9 +254,11 @@ def generate(model: StampModel, batch: dict, config: GenerationConfig, streamer=
     images = model.vision(batch.get("pixel_values"), grid)
     features = model.image_features(images)  # taken before generate() expands them (beam search)
     vision = {"image_grid_thw": grid, "mm_encoder_outputs": {"image": images}} if images is not None else {}
+    positions = model.text_positions(batch)
     out = model.qwen.generate(
         input_ids=ids,
         attention_mask=batch["attention_mask"],
+        position_ids=positions,  # ours, so that generate() need not compute them again
         mm_token_type_ids=batch["mm_token_type_ids"],
         generation_config=config,
         streamer=streamer,
@@ -264,7 +272,7 @@ def generate(model: StampModel, batch: dict, config: GenerationConfig, streamer=
     ctx = Context(
         ids=seq,
         valid=torch.cat([valid, until_stop(seq[:, P:], stop)], 1),
-        positions=extended_positions(model.text_positions(batch), seq.shape[1] - P),
+        positions=extended_positions(positions, seq.shape[1] - P),
         features=features,
         cache=out.cache,
         starts=[P] * seq.shape[0],
