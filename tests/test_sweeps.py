@@ -505,7 +505,8 @@ def test_optuna_failed_trials_are_recorded(tmp_path):
         "hydra.sweeper.n_trials=2",
         "optimizer.lr=choice(1e-3, 2e-3)",
         f"hydra.sweep.dir={sweep}",
-        f"paths.tiny_dir={tmp_path / 'no-such-model'}",  # every job fails loading it
+        f"paths.tiny_dir={tmp_path / 'no-such-model'}",  # every job fails loading it:
+        "model.tiny_family=null",  # it is not built on first use
         f"paths.log_dir={tmp_path / 'logs'}",
         *SMALL_JOB,
         cwd=tmp_path,
