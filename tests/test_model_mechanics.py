@@ -272,17 +272,22 @@ def test_packed_rows_equal_padded_rows(make_model, attention, monkeypatch):
     _assert_same_outputs(padded, packed, batch, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["hybrid", "causal"])
-def test_cached_mask_forward_equals_training_path(make_model, attention):
-    """Inference (prefill + one batched block forward on the cache) = the training layout."""
-    model, processor = make_model(mask_attention=attention)
+def _cached_and_training_logits(model, processor) -> tuple[list, list]:
+    """The mask logits of the mixed batch from the cached inference path (teacher forcing) and
+    from the training forward."""
     model.eval()
     samples = _mixed_batch(processor)
     with torch.no_grad():
         train_logits = model(StampCollator(processor)(samples)).mask_logits
     batch = StampCollator(processor, "generate", teacher_forcing=True)(samples)
     rows = generate_with_masks(model, batch, processor.tokenizer, teacher_forcing=True)
-    cached = [lg for r in rows for lg in r.cell_logits]
+    return [lg for r in rows for lg in r.cell_logits], train_logits
+
+
+@pytest.mark.parametrize("attention", ["hybrid", "causal"])
+def test_cached_mask_forward_equals_training_path(make_model, attention):
+    """Inference (prefill + one batched block forward on the cache) = the training layout."""
+    cached, train_logits = _cached_and_training_logits(*make_model(mask_attention=attention))
     assert len(cached) == len(train_logits)
     for a, b in zip(cached, train_logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
@@ -496,14 +501,9 @@ def test_deepstack_reaches_the_image_tokens_and_the_switch_reaches_the_mask_toke
 
 def test_cached_inference_equals_training_without_mask_token_deepstack(make_model_of):
     """``deepstack_mask_tokens=false``: the cached mask forward still equals the training path."""
-    model, processor = make_model_of("qwen3_vl", deepstack_mask_tokens=False)
-    model.eval()
-    samples = _mixed_batch(processor)
-    with torch.no_grad():
-        train_logits = model(StampCollator(processor)(samples)).mask_logits
-    batch = StampCollator(processor, "generate", teacher_forcing=True)(samples)
-    rows = generate_with_masks(model, batch, processor.tokenizer, teacher_forcing=True)
-    cached = [lg for r in rows for lg in r.cell_logits]
+    cached, train_logits = _cached_and_training_logits(
+        *make_model_of("qwen3_vl", deepstack_mask_tokens=False)
+    )
     assert len(cached) == len(train_logits) >= 8
     for a, b in zip(cached, train_logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
