@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from stamp.model.backbone import build_on_meta, check_source, load_backbone
@@ -202,3 +203,39 @@ def test_make_tiny_cli_builds_each_family(tmp_path, capsys):
     assert not list(tmp_path.glob(".t25.tmp-*"))  # written aside, then moved into place
     main(["--family", "qwen2_5_vl", "--out", str(out)])
     assert "exists (use --force to rebuild)" in capsys.readouterr().out
+
+
+def test_patch_linear_equals_the_convolution():
+    from stamp.model.patch_embed import PatchLinear, linear_patch_embeddings
+
+    torch.manual_seed(0)
+    for bias in (False, True):  # Qwen2-VL / Qwen2.5-VL have none, Qwen3-VL has one
+        conv = torch.nn.Conv3d(3, 16, kernel_size=(2, 14, 14), stride=(2, 14, 14), bias=bias)
+        x = torch.randn(37, 3, 2, 14, 14, requires_grad=True)
+        ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, stride=(2, 14, 14))
+        (gx_ref, gw_ref) = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
+        assert linear_patch_embeddings(conv) == 1 and type(conv) is PatchLinear
+        out = conv(x)
+        gx, gw = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+        assert out.shape == ref.shape == (37, 16, 1, 1, 1)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(gw, gw_ref, atol=1e-3, rtol=1e-4)
+        # an input that is not one patch per row still gets the convolution
+        wide = torch.randn(2, 3, 4, 28, 28)
+        torch.testing.assert_close(
+            conv(wide), torch.nn.functional.conv3d(wide, conv.weight, conv.bias, stride=(2, 14, 14))
+        )
+    # other convolutions are left alone
+    other = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.Conv3d(3, 4, 2, stride=2, padding=1))
+    assert linear_patch_embeddings(other) == 0 and all(type(m) is torch.nn.Conv3d for m in other)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_stamp_models_embed_patches_as_a_matrix_product(tiny_of, family):
+    from stamp.model.patch_embed import PatchLinear
+
+    model, _ = tiny_of(family)
+    proj = model.qwen.model.visual.patch_embed.proj
+    assert type(proj) is PatchLinear
+    assert "patch_embed.proj.weight" in model.qwen.model.visual.state_dict()  # the same state dict

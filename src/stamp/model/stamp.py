@@ -36,6 +36,7 @@ from stamp.model.mask_block import (
     packed_mask,
     to_attention_bias,
 )
+from stamp.model.patch_embed import linear_patch_embeddings
 
 TRAIN_FORWARDS = ("fused", "two_pass")
 MASK_ATTENTIONS = ("hybrid", "causal")
@@ -155,6 +156,7 @@ class StampModel(nn.Module):
             if value not in valid:
                 raise ValueError(f"unknown model.{name} {value!r}; expected one of {list(valid)}")
         self.backbone = backbone
+        linear_patch_embeddings(backbone)  # the patch Conv3d as the matrix product it is (patch_embed.py)
         self.seg_token_id, self.mask_token_id = seg_token_id, mask_token_id
         self.mask_positions, self.mask_attention = mask_positions, mask_attention
         self.add_patch_features = add_patch_features
