@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +74,6 @@ def sdpa_fp32_attention_forward(module, query, key, value, attention_mask, **kwa
     return out, weights
 
 
-def _keys(x: torch.Tensor, sp: Span) -> torch.Tensor:
-    """The key (or value) ranges of ``sp`` (1, H, K, D), copied together only when there are several."""
-    parts = [x[sp.row : sp.row + 1, :, a:b] for a, b in sp.keys]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
-
-
 def _block_causal(sp: Span, device: torch.device) -> torch.Tensor:
     """(Q, K) mask of a ``block_causal`` span: the prefix in full, the block up to the query."""
     n, prefix = sp.q1 - sp.q0, sum(b - a for a, b in sp.keys[:-1])
@@ -85,26 +81,51 @@ def _block_causal(sp: Span, device: torch.device) -> torch.Tensor:
     return keys[None, :] <= (prefix + torch.arange(n, device=device))[:, None]
 
 
+def _ranges_of(x: torch.Tensor, ranges: list[tuple[int, int]]) -> Callable[..., torch.Tensor]:
+    """``take(r1, r2, ...)``: ranges of ``x`` (H, T, D) along T, concatenated. ``x`` is split once
+    at every edge of ``ranges`` and each range is made of those views: slicing ``x`` per range
+    instead would make each slice's backward fill a zero gradient of ``x``'s whole size."""
+    edges = sorted({0, x.shape[1], *(e for r in ranges for e in r)})
+    parts = dict(zip(edges[:-1], x.split([b - a for a, b in itertools.pairwise(edges)], 1), strict=True))
+
+    def take(*rs: tuple[int, int]) -> torch.Tensor:
+        chosen = [parts[e] for a, b in rs for e in edges if a <= e < b]
+        return chosen[0] if len(chosen) == 1 else torch.cat(chosen, 1)
+
+    return take
+
+
 def sdpa_hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """``query`` (B, H, Q, D), ``key``/``value`` (B, H_kv, K, D) -> (B, Q, H, D), as sdpa returns."""
     if not isinstance(attention_mask, Spans):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
-    B, H, Q, _ = query.shape
-    out = query.new_zeros(B, Q, H, value.shape[-1])
-    for sp in attention_mask.spans:
-        mask = _block_causal(sp, query.device) if sp.kind == "block_causal" else None
-        o, _ = sdpa_attention_forward(
-            module,
-            query[sp.row : sp.row + 1, :, sp.q0 : sp.q1],
-            _keys(key, sp),
-            _keys(value, sp),
-            mask,
-            is_causal=sp.kind == "causal",
-            **kwargs,
-        )
-        out[sp.row, sp.q0 : sp.q1] = o[0]
-    return out, None
+    B, H, Q, D = query.shape
+    rows = []
+    for b, (q, k, v) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0), strict=True)):
+        spans = sorted((sp for sp in attention_mask.spans if sp.row == b), key=lambda sp: sp.q0)
+        key_ranges = [r for sp in spans for r in sp.keys]
+        qs = _ranges_of(q, [(sp.q0, sp.q1) for sp in spans])
+        ks, vs = _ranges_of(k, key_ranges), _ranges_of(v, key_ranges)
+        out, at = [], 0
+        for sp in spans:
+            if sp.q0 > at:  # queries outside every span (padding) get zeros
+                out.append(query.new_zeros(sp.q0 - at, H, D))
+            o, _ = sdpa_attention_forward(
+                module,
+                qs((sp.q0, sp.q1))[None],
+                ks(*sp.keys)[None],
+                vs(*sp.keys)[None],
+                _block_causal(sp, query.device) if sp.kind == "block_causal" else None,
+                is_causal=sp.kind == "causal",
+                **kwargs,
+            )
+            out.append(o[0])
+            at = sp.q1
+        if at < Q:
+            out.append(query.new_zeros(Q - at, H, D))
+        rows.append(out[0] if len(out) == 1 else torch.cat(out, 0))
+    return (rows[0][None] if B == 1 else torch.stack(rows)), None
 
 
 AttentionInterface.register(NAME, sdpa_fp32_attention_forward)
