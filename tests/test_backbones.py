@@ -239,3 +239,15 @@ def test_stamp_models_embed_patches_as_a_matrix_product(tiny_of, family):
     proj = model.qwen.model.visual.patch_embed.proj
     assert type(proj) is PatchLinear
     assert "patch_embed.proj.weight" in model.qwen.model.visual.state_dict()  # the same state dict
+
+
+def test_tiny_is_built_on_first_use_only_at_its_home(compose_cfg, tmp_path):
+    """``model=tiny`` with a mistyped ``model.backbone`` fails naming the path; nothing is built there."""
+    from stamp.model.build import build_stamp
+
+    typo = tmp_path / "tiny-qwen2v1"
+    cfg = compose_cfg(["model=tiny", f"model.backbone={typo}"])
+    assert cfg.model.tiny_family == "qwen2_vl" and cfg.model.tiny_home != str(typo)
+    with pytest.raises(FileNotFoundError, match=f"model path '{typo}' does not exist"):
+        build_stamp(cfg.model)
+    assert not typo.exists()

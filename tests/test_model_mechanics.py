@@ -68,8 +68,8 @@ def test_block_attention_is_bidirectional(make_model, monkeypatch, attention, bi
         _, before = model.fused_pass(batch)
         original = model.block_embeddings
 
-        def perturbed(features):  # change only the LAST mask token of the block
-            emb = original(features).clone()
+        def perturbed(features, mask_emb):  # change only the LAST mask token of the block
+            emb = original(features, mask_emb).clone()
             emb[-1] += 3.0
             return emb
 
@@ -507,3 +507,18 @@ def test_cached_inference_equals_training_without_mask_token_deepstack(make_mode
     assert len(cached) == len(train_logits) >= 8
     for a, b in zip(cached, train_logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_fused_forward_looks_up_embeddings_once(make_model):
+    """Text and ``<|mask|>`` embeddings come from one call: each call's backward makes a dense
+    gradient of the whole table (0.93 GB at the 2B's vocabulary), so not one per mask block."""
+    model, processor = make_model()
+    answer = f"Sure, {SEG_TOKEN} and {SEG_TOKEN} and {SEG_TOKEN}"
+    batch = StampCollator(processor, "train")([square_sample(answer=answer), square_sample()])
+    calls = []
+    hook = model.language_model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = model(batch)
+    finally:
+        hook.remove()
+    assert len(out.mask_logits) == 4 and len(calls) == 1

@@ -135,10 +135,9 @@ def meta_stamp(model_cfg: Mapping[str, Any]):
         seg_id = int(arch["tokenizer_len"])  # add_stamp_tokens appends <|seg|> then <|mask|>
         backbone = build_on_meta(arch)
     else:
-        if model_cfg.get("tiny_family"):  # an embedded tiny model: built on first use, as training does
-            from stamp.model.tiny import ensure_tiny
+        from stamp.model.tiny import ensure_configured_tiny
 
-            ensure_tiny(str(model_cfg["backbone"]), model_cfg["tiny_family"])
+        ensure_configured_tiny(model_cfg)  # an embedded tiny model: built on first use, as training does
         backbone, seg_id = _meta_from_checkpoint(str(model_cfg.get("backbone")))
     backbone_params, _ = count_parameters(backbone)
     with_head = stamp_with_token_ids(backbone, seg_id, seg_id + 1, model_cfg)

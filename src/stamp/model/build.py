@@ -96,16 +96,15 @@ def build_stamp(cfg: Mapping[str, Any]) -> tuple[StampModel, Any]:
     """Load the backbone named by ``cfg["backbone"]`` and build the STAMP model around it.
 
     If the backbone directory is itself a STAMP checkpoint, its mask head is loaded too. With
-    ``cfg["tiny_family"]`` (the embedded tiny models), a missing backbone directory is built
-    first (``stamp-make-tiny --family ...`` does the same).
+    ``cfg["tiny_family"]`` (the embedded tiny models), a missing backbone directory at
+    ``cfg["tiny_home"]`` is built first (``stamp-make-tiny --family ...`` does the same).
     """
     if cfg.get("random_weights"):
         backbone, processor = random_backbone_from(cfg)
         return stamp_from_backbone(backbone, processor, cfg), processor
-    if cfg.get("tiny_family"):
-        from stamp.model.tiny import ensure_tiny
+    from stamp.model.tiny import ensure_configured_tiny
 
-        ensure_tiny(str(cfg["backbone"]), cfg["tiny_family"])
+    ensure_configured_tiny(cfg)
     backbone, processor = load_backbone(
         str(cfg["backbone"]),
         dtype=cfg.get("dtype", "float32"),

@@ -225,9 +225,26 @@ class StampModel(nn.Module):
         per_layer = [torch.cat(layer) for layer in zip(*features.deepstack, strict=True)]
         return Deepstack(index, per_layer)
 
-    def embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:
-        """Token embeddings with each image's features placed at its ``<|image_pad|>`` tokens."""
-        embeds = self.language_model.embed_tokens(input_ids)
+    def embed(
+        self, input_ids: torch.Tensor, image_features: list[torch.Tensor], mask_token: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with each image's features placed at its ``<|image_pad|>`` tokens;
+        with ``mask_token``, also the ``<|mask|>`` embedding (D,), looked up in the same call.
+
+        One lookup per forward matters at real vocabularies: the embedding's backward makes a
+        dense gradient of the whole table (151,936 x 1536 floats, 0.93 GB, for the 2B) per call.
+        """
+        if mask_token:
+            ids = torch.cat([input_ids.reshape(-1), input_ids.new_tensor([self.mask_token_id])])
+            table = self.language_model.embed_tokens(ids)
+            embeds, mask_emb = table[:-1].view(*input_ids.shape, -1), table[-1]
+            return self.place_images(embeds, input_ids, image_features), mask_emb
+        return self.place_images(self.language_model.embed_tokens(input_ids), input_ids, image_features)
+
+    def place_images(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, image_features: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """``embeds`` with each image's features placed at its ``<|image_pad|>`` tokens."""
         if image_features:
             feats = torch.cat(image_features).to(embeds.dtype)
             slots = input_ids == self.image_token_id
@@ -251,10 +268,13 @@ class StampModel(nn.Module):
         )
         return pos
 
-    def block_embeddings(self, features: torch.Tensor) -> torch.Tensor:
-        """Embeddings (N, D) of a mask block: ``<|mask|>`` embedding + the patch features."""
+    def mask_embedding(self, device: torch.device) -> torch.Tensor:
+        """The ``<|mask|>`` embedding (D,)."""
         embed = self.language_model.embed_tokens  # called, not indexed: peft may wrap it (new rows)
-        mask_emb = embed(torch.tensor([self.mask_token_id], device=features.device))[0]
+        return embed(torch.tensor([self.mask_token_id], device=device))[0]
+
+    def block_embeddings(self, features: torch.Tensor, mask_emb: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, D) of a mask block: ``<|mask|>`` embedding + the patch features."""
         if not self.add_patch_features:
             return mask_emb.expand(features.shape[0], -1)
         return mask_emb + features.to(mask_emb.dtype)
@@ -356,9 +376,15 @@ class StampModel(nn.Module):
         return self.losses(hidden, batch, mask_logits, return_lm_logits)
 
     def blocks(
-        self, segs: list[Seg], features: ImageFeatures, positions: torch.Tensor, batch_size: int
+        self,
+        segs: list[Seg],
+        features: ImageFeatures,
+        positions: torch.Tensor,
+        batch_size: int,
+        mask_emb: torch.Tensor | None = None,
     ) -> Blocks:
-        """Lay out the mask blocks of ``segs`` row by row; ``positions`` are the text's (3, B, L).
+        """Lay out the mask blocks of ``segs`` row by row; ``positions`` are the text's (3, B, L);
+        ``mask_emb``: the ``<|mask|>`` embedding (looked up here, once, if not given).
 
         With DeepStack features, ``Blocks.deepstack`` gives each mask token its patch's (when
         ``deepstack_mask_tokens``; otherwise none, with the same layer count, for ``Deepstack.cat``).
@@ -373,9 +399,11 @@ class StampModel(nn.Module):
         pos = positions.new_zeros(3, batch_size, Q)
         group = torch.full((batch_size, Q), -1, dtype=torch.long, device=device)
         limit = torch.full((batch_size, Q), -1, dtype=torch.long, device=device)
+        if segs and mask_emb is None:
+            mask_emb = self.mask_embedding(device)
         for k, (sg, a) in enumerate(zip(segs, starts, strict=True)):
             n = sg.grid_hw[0] * sg.grid_hw[1]
-            embeds[sg.row, a : a + n] = self.block_embeddings(features[sg.image]).to(embeds.dtype)
+            embeds[sg.row, a : a + n] = self.block_embeddings(features[sg.image], mask_emb).to(embeds.dtype)
             pos[:, sg.row, a : a + n] = block_positions(
                 positions[:, sg.row, sg.pos], sg.grid_hw, self.mask_positions
             )
@@ -429,8 +457,9 @@ class StampModel(nn.Module):
         text_pos = self.text_positions(batch)
         if segs is None:
             segs = self.find_segs(input_ids, valid, batch.get("image_grid_thw"))
-        blk = self.blocks(segs, features, text_pos, B)
-        embeds = torch.cat([self.embed(input_ids, features), blk.embeds], 1)
+        text_embeds, mask_emb = self.embed(input_ids, features, mask_token=True)  # one lookup
+        blk = self.blocks(segs, features, text_pos, B, mask_emb)
+        embeds = torch.cat([text_embeds, blk.embeds], 1)
         positions = torch.cat([text_pos, blk.positions], 2)
         mask = self.fused_mask(valid, segs, blk)
         deepstack = self.text_deepstack(input_ids, features)

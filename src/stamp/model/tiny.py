@@ -244,6 +244,15 @@ def make_tiny(
     return out
 
 
+def ensure_configured_tiny(model_cfg: Mapping[str, Any]) -> None:
+    """``model.tiny_family``: the embedded tiny of that family is built on first use, at its home
+    ``model.tiny_home`` only; a missing ``model.backbone`` anywhere else (a mistyped path) stays
+    the error it is instead of getting a fresh random tiny."""
+    family, home = model_cfg.get("tiny_family"), model_cfg.get("tiny_home")
+    if family and home and Path(str(model_cfg["backbone"])).absolute() == Path(str(home)).absolute():
+        ensure_tiny(str(home), family)
+
+
 def ensure_tiny(path: str | Path, family: str) -> Path:
     """The tiny checkpoint of ``family`` at ``path``, built there first if it is not yet
     (``model.tiny_family``: the embedded tiny models are made on first use)."""
