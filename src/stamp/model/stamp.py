@@ -225,21 +225,22 @@ class StampModel(nn.Module):
         per_layer = [torch.cat(layer) for layer in zip(*features.deepstack, strict=True)]
         return Deepstack(index, per_layer)
 
-    def embed(
-        self, input_ids: torch.Tensor, image_features: list[torch.Tensor], mask_token: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with each image's features placed at its ``<|image_pad|>`` tokens;
-        with ``mask_token``, also the ``<|mask|>`` embedding (D,), looked up in the same call.
+    def embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with each image's features placed at its ``<|image_pad|>`` tokens."""
+        return self.place_images(self.language_model.embed_tokens(input_ids), input_ids, image_features)
+
+    def embed_with_mask_token(
+        self, input_ids: torch.Tensor, image_features: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed`` and the ``<|mask|>`` embedding (D,), looked up in the same call.
 
         One lookup per forward matters at real vocabularies: the embedding's backward makes a
         dense gradient of the whole table (151,936 x 1536 floats, 0.93 GB, for the 2B) per call.
         """
-        if mask_token:
-            ids = torch.cat([input_ids.reshape(-1), input_ids.new_tensor([self.mask_token_id])])
-            table = self.language_model.embed_tokens(ids)
-            embeds, mask_emb = table[:-1].view(*input_ids.shape, -1), table[-1]
-            return self.place_images(embeds, input_ids, image_features), mask_emb
-        return self.place_images(self.language_model.embed_tokens(input_ids), input_ids, image_features)
+        ids = torch.cat([input_ids.reshape(-1), input_ids.new_tensor([self.mask_token_id])])
+        table = self.language_model.embed_tokens(ids)
+        embeds = table[:-1].view(*input_ids.shape, -1)
+        return self.place_images(embeds, input_ids, image_features), table[-1]
 
     def place_images(
         self, embeds: torch.Tensor, input_ids: torch.Tensor, image_features: list[torch.Tensor]
@@ -457,7 +458,7 @@ class StampModel(nn.Module):
         text_pos = self.text_positions(batch)
         if segs is None:
             segs = self.find_segs(input_ids, valid, batch.get("image_grid_thw"))
-        text_embeds, mask_emb = self.embed(input_ids, features, mask_token=True)  # one lookup
+        text_embeds, mask_emb = self.embed_with_mask_token(input_ids, features)
         blk = self.blocks(segs, features, text_pos, B, mask_emb)
         embeds = torch.cat([text_embeds, blk.embeds], 1)
         positions = torch.cat([text_pos, blk.positions], 2)
