@@ -50,8 +50,9 @@ def tiny_of(tiny_dir_of):
 
     def get(family: str):
         if family not in models:
+            backbone = str(tiny_dir_of(family))  # built first: building it draws random numbers
             torch.manual_seed(0)
-            model, processor = build_stamp({"backbone": str(tiny_dir_of(family))})
+            model, processor = build_stamp({"backbone": backbone})
             models[family] = (model.eval(), processor)
         return models[family]
 
@@ -70,8 +71,11 @@ def make_model_of(tiny_dir_of):
     from stamp.model.build import build_stamp
 
     def make(family: str, **overrides):
+        # the family's tiny is built (on first use) before the seed: building it draws random
+        # numbers, and two models made one after the other must get the same mask head
+        backbone = str(tiny_dir_of(family))
         torch.manual_seed(0)
-        model, processor = build_stamp({"backbone": str(tiny_dir_of(family)), **overrides})
+        model, processor = build_stamp({"backbone": backbone, **overrides})
         return model, processor
 
     return make

@@ -462,6 +462,42 @@ def test_hybrid_attention_refused_for_qwen3vl(make_model_of):
         make_model_of("qwen3_vl", attn_implementation="sdpa_hybrid")
 
 
+def test_attention_switched_through_transformers(make_model, monkeypatch):
+    """transformers' ``set_attn_implementation`` on the backbone switches STAMP's masks with it: a
+    model built with ``sdpa`` and switched to ``sdpa_hybrid`` hands its layers spans (no mask
+    reaches an attention call) and gives the dense path's outputs; switched back, dense masks."""
+    from stamp.model import attention
+
+    model, processor = make_model(pack_rows=True)
+    model.eval()
+    batch = StampCollator(processor)(_mixed_batch(processor))
+    with torch.no_grad():
+        ref = model(batch, return_lm_logits=True)
+    model.qwen.set_attn_implementation({"text_config": "sdpa_hybrid"})
+    assert model.qwen.config.vision_config._attn_implementation == "sdpa"
+    if model.family not in MASK_MAPPING_FAMILIES:
+        with pytest.raises(ValueError, match="is not available for the qwen3_vl family"):
+            model(batch)
+        return
+    masks, real = [], attention.sdpa_attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        masks.append(mask is None)
+        return real(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    with torch.no_grad():
+        out = model(batch, return_lm_logits=True)
+    assert masks and all(masks)
+    _assert_same_outputs(out, ref, batch, atol=1e-4)
+    model.qwen.set_attn_implementation({"text_config": "sdpa"})
+    masks.clear()
+    with torch.no_grad():
+        again = model(batch, return_lm_logits=True)
+    assert not model.uses_spans and not masks  # the dense path does not go through sdpa_hybrid
+    _assert_same_outputs(again, ref, batch, atol=0)
+
+
 # -- Qwen3-VL's DeepStack ------------------------------------------------------------------------
 
 

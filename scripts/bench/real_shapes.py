@@ -14,6 +14,11 @@ and the attention's share of the step (scaled-dot-product kernels, forward and b
 the lm_head, the same in every mode, left out).
 Goals (CPU, N = 1024): hybrid >= 2.7x two_pass at K=3, >= 3.2x at K=5; hybrid's peak below dense.
 
+``--rounds R`` adds, per shape, one more child that times every mode on one model in one process,
+R rounds in rotating order (the mode switched through transformers' ``set_attn_implementation`` and
+``model.train_forward``): this machine's speed drifts by 10-20 % over minutes, which moves the
+separate children's ratios; in one process each round's ratio pairs steps seconds apart.
+
     PYTHONPATH=src .venv/bin/python scripts/bench/real_shapes.py                # the full grid
     PYTHONPATH=src .venv/bin/python scripts/bench/real_shapes.py --cells 64 --targets 1 --repeats 1 --steps 1   # smoke
 """
@@ -81,6 +86,51 @@ def child(mode: str, cells: int, targets: int, steps: int, layers: int, vision_l
     )
 
 
+def set_mode(model, mode: str) -> None:
+    attn, forward = MODES[mode]
+    model.qwen.set_attn_implementation({"text_config": attn})
+    model.train_forward = forward
+
+
+def interleaved(cells: int, targets: int, rounds: int, layers: int, vision_layers: int) -> None:
+    """Every mode on one model in one process: one warm-up step each, then ``rounds`` rounds in
+    rotating order; per mode the median step and the median over rounds of two_pass / mode."""
+    model, processor = random_model(
+        "2b", attn="sdpa", cells=cells, layers=layers, vision_layers=vision_layers
+    )
+    model.train()
+    batch = batch_for(processor, "cpu", cells, targets, train=True)
+
+    def step(mode: str) -> float:
+        set_mode(model, mode)
+        t = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        model(batch).loss.backward()
+        return time.perf_counter() - t
+
+    modes = list(MODES)
+    for m in modes:
+        step(m)
+    times = {m: [] for m in modes}
+    for r in range(rounds):
+        for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            times[m].append(step(m))
+    print(
+        json.dumps(
+            {
+                m: {
+                    "step_s": statistics.median(ts),
+                    "steps_s": ts,
+                    "speedup_vs_two_pass": statistics.median(
+                        a / b for a, b in zip(times["two_pass"], ts, strict=True)
+                    ),
+                }
+                for m, ts in times.items()
+            }
+        )
+    )
+
+
 def flops(cells: int, targets: int, text: int, layers: int, vision_layers: int) -> dict[str, float]:
     """Forward + backward FLOPs of the matrix products each mode computes (2B widths; ``text``
     tokens of chat): under a dense 4-D mask every query-key entry, under ``sdpa_hybrid`` only
@@ -116,12 +166,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="timed steps per child (after a profiled warm-up)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=0, help="rounds of the one-process comparison (0: none)")
     p.add_argument("--child", nargs=3, metavar=("MODE", "CELLS", "TARGETS"))
     a = p.parse_args()
+    if a.child and a.child[0] == "interleaved":
+        return interleaved(int(a.child[1]), int(a.child[2]), a.rounds, a.layers, a.vision_layers)
     if a.child:
         return child(a.child[0], int(a.child[1]), int(a.child[2]), a.steps, a.layers, a.vision_layers)
     modes = a.modes.split(",")
-    results, rows = [], []
+    results, rows, one_process, rows_1p = [], [], [], []
     for cells in (int(c) for c in a.cells.split(",")):
         for k in (int(t) for t in a.targets.split(",")):
             runs = {m: [] for m in modes}
@@ -163,6 +216,25 @@ def main() -> None:
                         "flop_ratio": flop_ratio,
                     }
                 )
+            if a.rounds:
+                args = ["--rounds", str(a.rounds), "--layers", str(a.layers)]
+                args += [
+                    "--vision-layers",
+                    str(a.vision_layers),
+                    "--child",
+                    "interleaved",
+                    str(cells),
+                    str(k),
+                ]
+                out = subprocess.run(
+                    [sys.executable, __file__, *args], capture_output=True, text=True, check=True
+                )
+                for m, v in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                    one_process.append({"cells": cells, "targets": k, "mode": m, **v})
+                    steps = " ".join(f"{t:.1f}" for t in v["steps_s"])
+                    rows_1p.append(
+                        [cells, k, m, v["step_s"], v["speedup_vs_two_pass"], fl["two_pass"] / fl[m], steps]
+                    )
     header = [
         "N",
         "K",
@@ -175,6 +247,9 @@ def main() -> None:
         "attn share",
     ]
     text = table(rows, header)
+    if rows_1p:
+        text += f"\n\nIn one process, {a.rounds} rounds in rotating order (two_pass/mode: median of the rounds' ratios):\n"
+        text += table(rows_1p, ["N", "K", "mode", "s/step", "two_pass/mode", "FLOP ratio", "steps (s)"])
     goals = {}
     for cells, k, goal in ((1024, 3, 2.7), (1024, 5, 3.2)):
         got = {r["mode"]: r for r in results if (r["cells"], r["targets"]) == (cells, k)}
@@ -187,6 +262,10 @@ def main() -> None:
             }
             text += f"\nN={cells} K={k}: hybrid {h['speedup_vs_two_pass']:.2f}x two-pass (goal >= {goal}x), "
             text += f"peak RSS {h['peak_rss_mb']:.0f} vs dense {d['peak_rss_mb']:.0f} MB"
+            same = [r for r in one_process if (r["cells"], r["targets"], r["mode"]) == (cells, k, "hybrid")]
+            if same:
+                goals[f"N{cells}_K{k}"]["speedup_one_process"] = same[0]["speedup_vs_two_pass"]
+                text += f"; in one process {same[0]['speedup_vs_two_pass']:.2f}x"
     report(
         text,
         {
@@ -195,7 +274,9 @@ def main() -> None:
             "vision_layers": a.vision_layers,
             "steps": a.steps,
             "repeats": a.repeats,
+            "rounds": a.rounds,
             "results": results,
+            "one_process": one_process,
             "goals": goals,
             "machine": machine(),
         },

@@ -171,13 +171,7 @@ class StampModel(nn.Module):
         self.deepstack_mask_tokens = deepstack_mask_tokens
         hidden = cfg.text_config.hidden_size
         self.mask_head = nn.Linear(hidden, 1, device=self.qwen.lm_head.weight.device)
-        self.attn_implementation = cfg.text_config._attn_implementation
-        if self.uses_spans and self.family not in MASK_MAPPING_FAMILIES:
-            raise ValueError(
-                f"model.attn_implementation={HYBRID!r} is not available for the {self.family} family: its "
-                "language model builds its own mask from attention_mask instead of handing a prepared one "
-                "to the layers, so STAMP's spans would not reach them; use 'sdpa' (same logits)"
-            )
+        self.check_attention()
 
     # -- the backbone's parts ---------------------------------------------------------------
 
@@ -304,8 +298,24 @@ class StampModel(nn.Module):
     # -- the language-model call ------------------------------------------------------------
 
     @property
+    def attn_implementation(self) -> str:
+        """The language model's attention, read from the backbone's config each time, so that
+        transformers' ``set_attn_implementation({"text_config": ...})`` switches STAMP's masks too."""
+        return self.qwen.config.text_config._attn_implementation
+
+    def check_attention(self) -> None:
+        """Refuses ``sdpa_hybrid`` for a family whose spans could not reach the layers."""
+        if self.attn_implementation == HYBRID and self.family not in MASK_MAPPING_FAMILIES:
+            raise ValueError(
+                f"model.attn_implementation={HYBRID!r} is not available for the {self.family} family: its "
+                "language model builds its own mask from attention_mask instead of handing a prepared one "
+                "to the layers, so STAMP's spans would not reach them; use 'sdpa' (same logits)"
+            )
+
+    @property
     def uses_spans(self) -> bool:
         """The language model runs ``sdpa_hybrid``: masks are given as ``Spans``, not (Q, K)."""
+        self.check_attention()
         return self.attn_implementation == HYBRID
 
     def run_language_model(
