@@ -14,10 +14,14 @@ and the attention's share of the step (scaled-dot-product kernels, forward and b
 the lm_head, the same in every mode, left out).
 Goals (CPU, N = 1024): hybrid >= 2.7x two_pass at K=3, >= 3.2x at K=5; hybrid's peak below dense.
 
+``--live-rss`` runs the children with glibc's mmap threshold fixed, so that a child's peak RSS
+follows the memory its tensors hold (by default freed blocks may stay in the heap: a few hundred MB
+of noise between runs of one mode).
+
 ``--rounds R`` adds, per shape, one more child that times every mode on one model in one process,
 R rounds in rotating order (the mode switched through transformers' ``set_attn_implementation`` and
 ``model.train_forward``): this machine's speed drifts by 10-20 % over minutes, which moves the
-separate children's ratios; in one process each round's ratio pairs steps seconds apart.
+separate children's ratios; in one process each round's ratio pairs steps a minute apart.
 
     PYTHONPATH=src .venv/bin/python scripts/bench/real_shapes.py                # the full grid
     PYTHONPATH=src .venv/bin/python scripts/bench/real_shapes.py --cells 64 --targets 1 --repeats 1 --steps 1   # smoke
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -167,6 +172,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=0, help="rounds of the one-process comparison (0: none)")
+    p.add_argument(
+        "--live-rss",
+        action="store_true",
+        help="children with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072): freed large "
+        "tensors leave RSS, so peak RSS follows live memory instead of the heap's history",
+    )
     p.add_argument("--child", nargs=3, metavar=("MODE", "CELLS", "TARGETS"))
     a = p.parse_args()
     if a.child and a.child[0] == "interleaved":
@@ -174,6 +185,7 @@ def main() -> None:
     if a.child:
         return child(a.child[0], int(a.child[1]), int(a.child[2]), a.steps, a.layers, a.vision_layers)
     modes = a.modes.split(",")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if a.live_rss else None
     results, rows, one_process, rows_1p = [], [], [], []
     for cells in (int(c) for c in a.cells.split(",")):
         for k in (int(t) for t in a.targets.split(",")):
@@ -183,7 +195,7 @@ def main() -> None:
                     args = ["--steps", str(a.steps), "--layers", str(a.layers)]
                     args += ["--vision-layers", str(a.vision_layers), "--child", m, str(cells), str(k)]
                     out = subprocess.run(
-                        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
+                        [sys.executable, __file__, *args], capture_output=True, text=True, check=True, env=env
                     )
                     runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
             med = {m: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for m, rs in runs.items()}
@@ -275,6 +287,7 @@ def main() -> None:
             "steps": a.steps,
             "repeats": a.repeats,
             "rounds": a.rounds,
+            "live_rss": a.live_rss,
             "results": results,
             "one_process": one_process,
             "goals": goals,
