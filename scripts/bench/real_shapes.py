@@ -91,6 +91,14 @@ def child(mode: str, cells: int, targets: int, steps: int, layers: int, vision_l
     )
 
 
+def run_child(args: list[str], env: dict[str, str] | None) -> dict:
+    """This script as a child process with ``args``; its last stdout line, parsed."""
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=True, env=env
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def set_mode(model, mode: str) -> None:
     attn, forward = MODES[mode]
     model.qwen.set_attn_implementation({"text_config": attn})
@@ -194,10 +202,7 @@ def main() -> None:
                 for m in modes:
                     args = ["--steps", str(a.steps), "--layers", str(a.layers)]
                     args += ["--vision-layers", str(a.vision_layers), "--child", m, str(cells), str(k)]
-                    out = subprocess.run(
-                        [sys.executable, __file__, *args], capture_output=True, text=True, check=True, env=env
-                    )
-                    runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    runs[m].append(run_child(args, env))
             med = {m: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for m, rs in runs.items()}
             text = int(next(iter(med.values()))["text_tokens"])
             fl = flops(cells, k, text, a.layers, a.vision_layers)
@@ -238,10 +243,7 @@ def main() -> None:
                     str(cells),
                     str(k),
                 ]
-                out = subprocess.run(
-                    [sys.executable, __file__, *args], capture_output=True, text=True, check=True
-                )
-                for m, v in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                for m, v in run_child(args, env).items():
                     one_process.append({"cells": cells, "targets": k, "mode": m, **v})
                     steps = " ".join(f"{t:.1f}" for t in v["steps_s"])
                     rows_1p.append(
